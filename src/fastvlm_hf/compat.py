@@ -1,0 +1,42 @@
+"""The few places where transformers 4.57 and 5.x differ, each in one small helper."""
+
+from __future__ import annotations
+
+from typing import Any
+
+import transformers
+from packaging import version
+
+TRANSFORMERS_VERSION = version.parse(transformers.__version__)
+IS_TRANSFORMERS_5 = TRANSFORMERS_VERSION.major >= 5
+
+try:  # 5.x: init functions that leave tensors already loaded from a checkpoint untouched
+    from transformers import initialization as weight_init
+except ImportError:  # 4.x: `from_pretrained` only calls `_init_weights` on modules it did not load
+    from torch.nn import init as weight_init
+
+from transformers import PretrainedConfig  # 5.x keeps the 4.x name as an alias of `PreTrainedConfig`
+
+__all__ = ["IS_TRANSFORMERS_5", "PretrainedConfig", "is_first_generation_step", "tied_weights_keys", "weight_init"]
+
+
+def tied_weights_keys(target_to_source: dict[str, str]) -> dict[str, str] | list[str]:
+    """`_tied_weights_keys`: a `{target: source}` dict on 5.x, a list of targets on 4.x."""
+    if IS_TRANSFORMERS_5:
+        return dict(target_to_source)
+    return list(target_to_source)
+
+
+def is_first_generation_step(model_inputs: dict[str, Any], is_first_iteration: bool | None) -> bool:
+    """Whether `generate` is preparing the prefill step.
+
+    5.x passes `is_first_iteration`; up to 5.3 (and on 4.x) `cache_position` starts at 0 on prefill; with
+    neither, an empty cache means prefill.
+    """
+    if is_first_iteration is not None:
+        return bool(is_first_iteration)
+    cache_position = model_inputs.get("cache_position")
+    if cache_position is not None:
+        return int(cache_position[0]) == 0
+    past_key_values = model_inputs.get("past_key_values")
+    return past_key_values is None or past_key_values.get_seq_length() == 0

@@ -1,0 +1,331 @@
+"""FastViTHD, the image encoder of FastVLM, in the re-parameterised (inference) form of Apple's weights.
+
+Module names follow timm's FastViT (`stem`, `stages.N.downsample`, `stages.N.pos_emb`, `stages.N.blocks.M`,
+`token_mixer`, `mlp`, `final_conv`, `se`) so that foreign checkpoints map with one rename table each.
+"""
+
+from __future__ import annotations
+
+import torch
+import torch.nn.functional as F
+from torch import nn
+from transformers import PreTrainedModel
+from transformers.activations import ACT2FN
+from transformers.modeling_outputs import BaseModelOutputWithPoolingAndNoAttention
+
+from .compat import weight_init
+from .configuration_fastvithd import FastViTHDConfig
+
+
+class FastViTHDSqueezeExcite(nn.Module):
+    """Channel gating from the global (whole-image) mean: mean → 1×1 conv → ReLU → 1×1 conv → sigmoid → scale."""
+
+    def __init__(self, channels: int, hidden_channels: int):
+        super().__init__()
+        self.fc1 = nn.Conv2d(channels, hidden_channels, kernel_size=1)
+        self.fc2 = nn.Conv2d(hidden_channels, channels, kernel_size=1)
+
+    def forward(self, hidden_states: torch.Tensor) -> torch.Tensor:
+        gate = hidden_states.mean(dim=(2, 3), keepdim=True)  # (B, C, 1, 1) at any resolution
+        gate = torch.sigmoid(self.fc2(F.relu(self.fc1(gate))))
+        return hidden_states * gate
+
+
+class FastViTHDConvAct(nn.Module):
+    """A re-parameterised MobileOne-style block: one biased convolution, optional squeeze-excite, activation."""
+
+    def __init__(
+        self,
+        in_channels: int,
+        out_channels: int,
+        kernel_size: int,
+        hidden_act: str,
+        stride: int = 1,
+        groups: int = 1,
+        se_hidden_size: int | None = None,
+    ):
+        super().__init__()
+        self.reparam_conv = nn.Conv2d(
+            in_channels, out_channels, kernel_size, stride=stride, padding=kernel_size // 2, groups=groups
+        )
+        self.se = FastViTHDSqueezeExcite(out_channels, se_hidden_size) if se_hidden_size else nn.Identity()
+        self.act = ACT2FN[hidden_act]
+
+    def forward(self, hidden_states: torch.Tensor) -> torch.Tensor:
+        return self.act(self.se(self.reparam_conv(hidden_states)))
+
+
+class FastViTHDReparamDepthwiseConv(nn.Module):
+    """RepMixer token mixer or RepCPE positional encoding after re-parameterisation.
+
+    Training-time both are `x + f(x)`; folding the identity into the kernel leaves one biased depthwise
+    convolution whose output replaces its input, so there is no residual here.
+    """
+
+    def __init__(self, channels: int, kernel_size: int):
+        super().__init__()
+        self.reparam_conv = nn.Conv2d(
+            channels, channels, kernel_size, padding=kernel_size // 2, groups=channels, bias=True
+        )
+
+    def forward(self, hidden_states: torch.Tensor) -> torch.Tensor:
+        return self.reparam_conv(hidden_states)
+
+
+class FastViTHDConvNorm(nn.Module):
+    """Bias-free depthwise convolution followed by BatchNorm (not fused in the released weights)."""
+
+    def __init__(self, channels: int, kernel_size: int, eps: float):
+        super().__init__()
+        self.conv = nn.Conv2d(channels, channels, kernel_size, padding=kernel_size // 2, groups=channels, bias=False)
+        self.bn = nn.BatchNorm2d(channels, eps=eps)
+
+    def forward(self, hidden_states: torch.Tensor) -> torch.Tensor:
+        return self.bn(self.conv(hidden_states))
+
+
+class FastViTHDConvMlp(nn.Module):
+    """ConvFFN: depthwise conv + BatchNorm, then a pointwise MLP (1×1 conv → activation → 1×1 conv)."""
+
+    def __init__(self, config: FastViTHDConfig, channels: int, hidden_channels: int):
+        super().__init__()
+        self.conv = FastViTHDConvNorm(channels, config.convffn_kernel_size, config.batch_norm_eps)
+        self.fc1 = nn.Conv2d(channels, hidden_channels, kernel_size=1)
+        self.act = ACT2FN[config.hidden_act]
+        self.fc2 = nn.Conv2d(hidden_channels, channels, kernel_size=1)
+
+    def forward(self, hidden_states: torch.Tensor) -> torch.Tensor:
+        return self.fc2(self.act(self.fc1(self.conv(hidden_states))))
+
+
+class FastViTHDLayerScale(nn.Module):
+    """Per-channel scale of a residual branch."""
+
+    def __init__(self, channels: int, init_value: float):
+        super().__init__()
+        self.gamma = nn.Parameter(torch.full((channels, 1, 1), init_value))
+
+    def forward(self, hidden_states: torch.Tensor) -> torch.Tensor:
+        return hidden_states * self.gamma
+
+
+class FastViTHDLayerNorm2d(nn.Module):
+    """LayerNorm over the channel axis of a (B, C, H, W) map: per pixel mean and biased variance, then affine."""
+
+    def __init__(self, channels: int, eps: float):
+        super().__init__()
+        self.weight = nn.Parameter(torch.ones(channels))
+        self.bias = nn.Parameter(torch.zeros(channels))
+        self.eps = eps
+
+    def forward(self, hidden_states: torch.Tensor) -> torch.Tensor:
+        mean = hidden_states.mean(dim=1, keepdim=True)
+        variance = (hidden_states - mean).pow(2).mean(dim=1, keepdim=True)
+        hidden_states = (hidden_states - mean) * torch.rsqrt(variance + self.eps)
+        return hidden_states * self.weight[:, None, None] + self.bias[:, None, None]
+
+
+class FastViTHDAttention(nn.Module):
+    """Multi-head self-attention over the pixels of a feature map (no mask, no positional bias)."""
+
+    def __init__(self, channels: int, head_dim: int, qkv_bias: bool):
+        super().__init__()
+        self.head_dim = head_dim
+        self.num_heads = channels // head_dim
+        self.qkv = nn.Linear(channels, 3 * channels, bias=qkv_bias)
+        self.proj = nn.Linear(channels, channels)
+
+    def forward(self, hidden_states: torch.Tensor) -> torch.Tensor:
+        batch_size, channels, height, width = hidden_states.shape
+        tokens = hidden_states.flatten(2).transpose(1, 2)  # (B, H*W, C), row-major pixels
+        qkv = self.qkv(tokens).reshape(batch_size, height * width, 3, self.num_heads, self.head_dim)
+        query, key, value = qkv.permute(2, 0, 3, 1, 4).unbind(0)  # each (B, heads, H*W, head_dim)
+        attended = F.scaled_dot_product_attention(query, key, value)  # softmax(q·kᵀ / √head_dim)·v
+        attended = attended.transpose(1, 2).reshape(batch_size, height * width, channels)
+        return self.proj(attended).transpose(1, 2).reshape(batch_size, channels, height, width)
+
+
+class FastViTHDRepMixerBlock(nn.Module):
+    """Convolutional block: re-parameterised RepMixer, then a layer-scaled ConvFFN residual."""
+
+    def __init__(self, config: FastViTHDConfig, channels: int, mlp_ratio: float):
+        super().__init__()
+        self.token_mixer = FastViTHDReparamDepthwiseConv(channels, config.repmixer_kernel_size)
+        self.mlp = FastViTHDConvMlp(config, channels, int(channels * mlp_ratio))
+        self.layer_scale = FastViTHDLayerScale(channels, config.layer_scale_init_value)
+
+    def forward(self, hidden_states: torch.Tensor) -> torch.Tensor:
+        hidden_states = self.token_mixer(hidden_states)
+        return hidden_states + self.layer_scale(self.mlp(hidden_states))
+
+
+class FastViTHDAttentionBlock(nn.Module):
+    """Transformer block on a feature map: pre-norm attention and ConvFFN, each a layer-scaled residual."""
+
+    def __init__(self, config: FastViTHDConfig, channels: int, mlp_ratio: float):
+        super().__init__()
+        self.norm = FastViTHDLayerNorm2d(channels, config.layer_norm_eps)
+        self.token_mixer = FastViTHDAttention(channels, config.attention_head_dim, config.qkv_bias)
+        self.layer_scale_1 = FastViTHDLayerScale(channels, config.layer_scale_init_value)
+        self.mlp = FastViTHDConvMlp(config, channels, int(channels * mlp_ratio))
+        self.layer_scale_2 = FastViTHDLayerScale(channels, config.layer_scale_init_value)
+
+    def forward(self, hidden_states: torch.Tensor) -> torch.Tensor:
+        hidden_states = hidden_states + self.layer_scale_1(self.token_mixer(self.norm(hidden_states)))
+        return hidden_states + self.layer_scale_2(self.mlp(hidden_states))
+
+
+class FastViTHDPatchEmbed(nn.Module):
+    """Downsampling: grouped large-kernel strided conv (2 outputs per input channel) + act, then 1×1 conv + act."""
+
+    def __init__(self, config: FastViTHDConfig, in_channels: int, out_channels: int):
+        super().__init__()
+        self.proj = nn.Sequential(
+            FastViTHDConvAct(
+                in_channels,
+                out_channels,
+                config.downsample_kernel_size,
+                config.hidden_act,
+                stride=config.downsample_stride,
+                groups=in_channels,
+            ),
+            FastViTHDConvAct(out_channels, out_channels, 1, config.hidden_act),
+        )
+
+    def forward(self, hidden_states: torch.Tensor) -> torch.Tensor:
+        return self.proj(hidden_states)
+
+
+class FastViTHDStage(nn.Module):
+    """One resolution level: optional downsampling, optional positional encoding, then the blocks."""
+
+    def __init__(self, config: FastViTHDConfig, stage_index: int):
+        super().__init__()
+        channels = config.embed_dims[stage_index]
+        in_channels = config.embed_dims[max(stage_index - 1, 0)]
+        if config.downsamples[stage_index]:
+            self.downsample = FastViTHDPatchEmbed(config, in_channels, channels)
+        else:
+            self.downsample = nn.Identity()
+        if config.pos_embeds[stage_index]:
+            self.pos_emb = FastViTHDReparamDepthwiseConv(channels, config.pos_embed_kernel_size)
+        else:
+            self.pos_emb = nn.Identity()
+        block_class = {"repmixer": FastViTHDRepMixerBlock, "attention": FastViTHDAttentionBlock}[
+            config.token_mixers[stage_index]
+        ]
+        mlp_ratio = config.mlp_ratios[stage_index]
+        self.blocks = nn.Sequential(
+            *(block_class(config, channels, mlp_ratio) for _ in range(config.depths[stage_index]))
+        )
+
+    def forward(self, hidden_states: torch.Tensor) -> torch.Tensor:
+        return self.blocks(self.pos_emb(self.downsample(hidden_states)))
+
+
+class FastViTHDPreTrainedModel(PreTrainedModel):
+    config_class = FastViTHDConfig
+    base_model_prefix = "fastvithd"
+    main_input_name = "pixel_values"
+    input_modalities = ("image",)
+    supports_gradient_checkpointing = False
+    _no_split_modules = ["FastViTHDModel"]
+    _supports_sdpa = True
+
+    def _init_weights(self, module: nn.Module) -> None:
+        std = self.config.initializer_range
+        if isinstance(module, (nn.Conv2d, nn.Linear)):
+            weight_init.normal_(module.weight, mean=0.0, std=std)
+            if module.bias is not None:
+                weight_init.zeros_(module.bias)
+        elif isinstance(module, nn.BatchNorm2d):
+            weight_init.ones_(module.weight)
+            weight_init.zeros_(module.bias)
+            weight_init.zeros_(module.running_mean)
+            weight_init.ones_(module.running_var)
+            weight_init.zeros_(module.num_batches_tracked)
+        elif isinstance(module, FastViTHDLayerNorm2d):
+            weight_init.ones_(module.weight)
+            weight_init.zeros_(module.bias)
+        elif isinstance(module, FastViTHDLayerScale):
+            weight_init.constant_(module.gamma, self.config.layer_scale_init_value)
+
+
+class FastViTHDModel(FastViTHDPreTrainedModel):
+    r"""
+    FastViTHD image encoder. Returns the (B, `hidden_size`, H/`patch_size`, W/`patch_size`) feature map as
+    `last_hidden_state`, its spatial mean as `pooler_output`, and with `output_hidden_states=True` the stem
+    output followed by every stage output.
+
+    Example:
+
+    ```python
+    >>> import torch, fastvlm_hf
+    >>> model = fastvlm_hf.FastViTHDModel(fastvlm_hf.FastViTHDConfig()).eval()
+    >>> model(torch.rand(1, 3, 1024, 1024)).last_hidden_state.shape
+    torch.Size([1, 3072, 16, 16])
+    ```"""
+
+    def __init__(self, config: FastViTHDConfig):
+        super().__init__(config)
+        stem_width = config.embed_dims[0]
+        self.stem = nn.Sequential(
+            FastViTHDConvAct(
+                config.num_channels, stem_width, config.stem_kernel_size, config.hidden_act, stride=config.stem_stride
+            ),
+            FastViTHDConvAct(
+                stem_width,
+                stem_width,
+                config.stem_kernel_size,
+                config.hidden_act,
+                stride=config.stem_stride,
+                groups=stem_width,
+            ),
+            FastViTHDConvAct(stem_width, stem_width, 1, config.hidden_act),
+        )
+        self.stages = nn.ModuleList(FastViTHDStage(config, index) for index in range(len(config.depths)))
+        self.final_conv = FastViTHDConvAct(
+            config.embed_dims[-1],
+            config.hidden_size,
+            config.final_conv_kernel_size,
+            config.hidden_act,
+            groups=config.embed_dims[-1],
+            se_hidden_size=config.se_hidden_size,
+        )
+        self.post_init()
+
+    def forward(
+        self,
+        pixel_values: torch.Tensor,
+        output_hidden_states: bool | None = None,
+        return_dict: bool | None = None,
+        **kwargs,
+    ) -> BaseModelOutputWithPoolingAndNoAttention | tuple:
+        output_hidden_states = (
+            output_hidden_states if output_hidden_states is not None else self.config.output_hidden_states
+        )
+        return_dict = return_dict if return_dict is not None else self.config.return_dict
+        patch_size = self.config.patch_size
+        height, width = pixel_values.shape[-2:]
+        if height % patch_size or width % patch_size:
+            raise ValueError(
+                f"FastViTHD needs image sides that are multiples of {patch_size}, got {height}×{width}; "
+                f"resize the image (the image processor's `size`) to a multiple of {patch_size}."
+            )
+
+        hidden_states = self.stem(pixel_values)  # (B, embed_dims[0], H/4, W/4)
+        all_hidden_states = (hidden_states,) if output_hidden_states else None
+        for stage in self.stages:
+            hidden_states = stage(hidden_states)
+            if output_hidden_states:
+                all_hidden_states += (hidden_states,)
+        last_hidden_state = self.final_conv(hidden_states)  # (B, hidden_size, H/patch_size, W/patch_size)
+        pooled_output = last_hidden_state.mean(dim=(2, 3))
+
+        if not return_dict:
+            return tuple(v for v in (last_hidden_state, pooled_output, all_hidden_states) if v is not None)
+        return BaseModelOutputWithPoolingAndNoAttention(
+            last_hidden_state=last_hidden_state,
+            pooler_output=pooled_output,
+            hidden_states=all_hidden_states,
+        )

@@ -1,0 +1,289 @@
+"""FastVLM: FastViTHD image features, projected and scattered into a transformers language model."""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+import torch
+from torch import nn
+from transformers import AutoModel, GenerationMixin, PreTrainedModel
+from transformers.activations import ACT2FN
+from transformers.cache_utils import Cache
+from transformers.modeling_outputs import BaseModelOutputWithPast, ModelOutput
+
+from .compat import is_first_generation_step, tied_weights_keys, weight_init
+from .configuration_fastvlm import FastVLMConfig
+from .modeling_fastvithd import FastViTHDModel
+
+
+@dataclass
+class FastVLMModelOutputWithPast(BaseModelOutputWithPast):
+    r"""
+    image_hidden_states (`torch.FloatTensor` of shape `(num_images, tokens_per_image, hidden_size)`, *optional*):
+        Projected image features of this forward pass.
+    """
+
+    image_hidden_states: torch.FloatTensor | None = None
+
+
+@dataclass
+class FastVLMCausalLMOutputWithPast(ModelOutput):
+    r"""
+    loss (`torch.FloatTensor` of shape `(1,)`, *optional*):
+        Next-token cross-entropy, when `labels` are given.
+    logits (`torch.FloatTensor` of shape `(batch_size, sequence_length, vocab_size)`):
+        Language-model head scores (only the last `logits_to_keep` positions when that is set).
+    image_hidden_states (`torch.FloatTensor` of shape `(num_images, tokens_per_image, hidden_size)`, *optional*):
+        Projected image features of this forward pass.
+    """
+
+    loss: torch.FloatTensor | None = None
+    logits: torch.FloatTensor | None = None
+    past_key_values: Cache | None = None
+    hidden_states: tuple[torch.FloatTensor, ...] | None = None
+    attentions: tuple[torch.FloatTensor, ...] | None = None
+    image_hidden_states: torch.FloatTensor | None = None
+
+
+class FastVLMMultiModalProjector(nn.Module):
+    """Maps encoder features to the language model's width: Linear → GELU → Linear."""
+
+    def __init__(self, config: FastVLMConfig):
+        super().__init__()
+        vision_width = config.vision_config.hidden_size
+        text_width = config.text_config.hidden_size
+        self.linear_1 = nn.Linear(vision_width, text_width, bias=config.projector_bias)
+        self.act = ACT2FN[config.projector_hidden_act]
+        self.linear_2 = nn.Linear(text_width, text_width, bias=config.projector_bias)
+
+    def forward(self, image_features: torch.Tensor) -> torch.Tensor:
+        return self.linear_2(self.act(self.linear_1(image_features)))
+
+
+class FastVLMPreTrainedModel(PreTrainedModel):
+    config_class = FastVLMConfig
+    base_model_prefix = "model"
+    input_modalities = ("image", "text")
+    supports_gradient_checkpointing = True
+    _no_split_modules = ["FastViTHDModel", "Qwen2DecoderLayer"]
+    _skip_keys_device_placement = ["past_key_values"]
+    _supports_sdpa = True
+    _supports_flash_attn = True
+    _supports_flex_attn = True
+    _supports_attention_backend = True
+
+    def _init_weights(self, module: nn.Module) -> None:
+        if isinstance(module, FastVLMMultiModalProjector):
+            std = self.config.text_config.initializer_range
+            for linear in (module.linear_1, module.linear_2):
+                weight_init.normal_(linear.weight, mean=0.0, std=std)
+                if linear.bias is not None:
+                    weight_init.zeros_(linear.bias)
+        elif module is getattr(self, "lm_head", None):
+            weight_init.normal_(module.weight, mean=0.0, std=self.config.text_config.initializer_range)
+
+
+class FastVLMModel(FastVLMPreTrainedModel):
+    r"""
+    FastVLM without a language-model head: encodes images, projects them, writes them into the text embeddings
+    at the image-token positions and runs the language model.
+    """
+
+    def __init__(self, config: FastVLMConfig):
+        super().__init__(config)
+        self.vision_tower = FastViTHDModel(config.vision_config)
+        self.multi_modal_projector = FastVLMMultiModalProjector(config)
+        self.language_model = AutoModel.from_config(config.text_config)
+        self.post_init()
+
+    def get_input_embeddings(self) -> nn.Module:
+        return self.language_model.get_input_embeddings()
+
+    def set_input_embeddings(self, value: nn.Module) -> None:
+        self.language_model.set_input_embeddings(value)
+
+    def get_image_features(self, pixel_values: torch.Tensor) -> torch.Tensor:
+        """Projected features of each image: (num_images, tokens_per_image, text hidden size)."""
+        pixel_values = pixel_values.to(dtype=self.vision_tower.dtype)
+        feature_map = self.vision_tower(pixel_values, return_dict=True).last_hidden_state
+        image_features = feature_map.flatten(2).transpose(1, 2)  # (B, C, H', W') -> (B, H'*W', C), row-major
+        return self.multi_modal_projector(image_features)
+
+    def get_placeholder_mask(
+        self, input_ids: torch.LongTensor | None, inputs_embeds: torch.Tensor, image_features: torch.Tensor
+    ) -> torch.Tensor:
+        """Boolean mask over `inputs_embeds` of the image-token positions; checks they match the features."""
+        if input_ids is not None:
+            is_image_token = input_ids == self.config.image_token_id
+        else:
+            image_embedding = self.get_input_embeddings()(
+                torch.tensor(self.config.image_token_id, dtype=torch.long, device=inputs_embeds.device)
+            )
+            is_image_token = (inputs_embeds == image_embedding).all(-1)
+        num_image_tokens = int(is_image_token.sum())
+        num_images, tokens_per_image = image_features.shape[:2]
+        if num_image_tokens != num_images * tokens_per_image:
+            raise ValueError(
+                f"Image features and image tokens do not match: the input has {num_image_tokens} image tokens but "
+                f"{num_images} image(s) give {num_images * tokens_per_image} features ({tokens_per_image} per image). "
+                "Build inputs with the FastVLM processor, which expands each `<image>` to the right number of "
+                "tokens, and do not truncate through them."
+            )
+        return is_image_token.unsqueeze(-1).expand_as(inputs_embeds).to(inputs_embeds.device)
+
+    def forward(
+        self,
+        input_ids: torch.LongTensor | None = None,
+        pixel_values: torch.FloatTensor | None = None,
+        attention_mask: torch.Tensor | None = None,
+        position_ids: torch.LongTensor | None = None,
+        past_key_values: Cache | None = None,
+        inputs_embeds: torch.FloatTensor | None = None,
+        use_cache: bool | None = None,
+        output_attentions: bool | None = None,
+        output_hidden_states: bool | None = None,
+        return_dict: bool | None = None,
+        cache_position: torch.LongTensor | None = None,
+        **kwargs,
+    ) -> FastVLMModelOutputWithPast | tuple:
+        if (input_ids is None) == (inputs_embeds is None):
+            raise ValueError("Pass exactly one of `input_ids` and `inputs_embeds`.")
+        return_dict = return_dict if return_dict is not None else self.config.return_dict
+        if inputs_embeds is None:
+            inputs_embeds = self.get_input_embeddings()(input_ids)
+
+        image_features = None
+        if pixel_values is not None:
+            image_features = self.get_image_features(pixel_values).to(inputs_embeds.device, inputs_embeds.dtype)
+            image_mask = self.get_placeholder_mask(input_ids, inputs_embeds, image_features)
+            inputs_embeds = inputs_embeds.masked_scatter(image_mask, image_features)
+
+        if cache_position is not None:  # transformers < 5.4 threads it through; later versions dropped it
+            kwargs["cache_position"] = cache_position
+        outputs = self.language_model(
+            attention_mask=attention_mask,
+            position_ids=position_ids,
+            past_key_values=past_key_values,
+            inputs_embeds=inputs_embeds,
+            use_cache=use_cache,
+            output_attentions=output_attentions,
+            output_hidden_states=output_hidden_states,
+            return_dict=True,
+            **kwargs,
+        )
+        output = FastVLMModelOutputWithPast(
+            last_hidden_state=outputs.last_hidden_state,
+            past_key_values=outputs.past_key_values,
+            hidden_states=outputs.hidden_states,
+            attentions=outputs.attentions,
+            image_hidden_states=image_features,
+        )
+        return output if return_dict else output.to_tuple()
+
+
+class FastVLMForConditionalGeneration(FastVLMPreTrainedModel, GenerationMixin):
+    r"""
+    FastVLM with its language-model head, for generation and fine-tuning.
+
+    Example:
+
+    ```python
+    >>> import fastvlm_hf
+    >>> from transformers import AutoModelForImageTextToText, AutoProcessor
+    >>> model = AutoModelForImageTextToText.from_pretrained("apple/FastVLM-0.5B")
+    >>> processor = AutoProcessor.from_pretrained("apple/FastVLM-0.5B")
+    >>> messages = [{"role": "user", "content": [{"type": "image", "url": "cats.jpg"}, {"type": "text", "text": "Describe the image."}]}]
+    >>> inputs = processor.apply_chat_template(messages, add_generation_prompt=True, tokenize=True, return_dict=True, return_tensors="pt")
+    >>> output = model.generate(**inputs, max_new_tokens=64)
+    >>> print(processor.decode(output[0, inputs["input_ids"].shape[1]:], skip_special_tokens=True))
+    ```"""
+
+    _tied_weights_keys = tied_weights_keys({"lm_head.weight": "model.language_model.embed_tokens.weight"})
+
+    def __init__(self, config: FastVLMConfig):
+        super().__init__(config)
+        self.model = FastVLMModel(config)
+        self.lm_head = nn.Linear(config.text_config.hidden_size, config.text_config.vocab_size, bias=False)
+        self.post_init()
+
+    def get_input_embeddings(self) -> nn.Module:
+        return self.model.get_input_embeddings()
+
+    def set_input_embeddings(self, value: nn.Module) -> None:
+        self.model.set_input_embeddings(value)
+
+    def get_output_embeddings(self) -> nn.Module:
+        return self.lm_head
+
+    def set_output_embeddings(self, new_embeddings: nn.Module) -> None:
+        self.lm_head = new_embeddings
+
+    def get_image_features(self, pixel_values: torch.Tensor) -> torch.Tensor:
+        return self.model.get_image_features(pixel_values)
+
+    def forward(
+        self,
+        input_ids: torch.LongTensor | None = None,
+        pixel_values: torch.FloatTensor | None = None,
+        attention_mask: torch.Tensor | None = None,
+        position_ids: torch.LongTensor | None = None,
+        past_key_values: Cache | None = None,
+        inputs_embeds: torch.FloatTensor | None = None,
+        labels: torch.LongTensor | None = None,
+        use_cache: bool | None = None,
+        output_attentions: bool | None = None,
+        output_hidden_states: bool | None = None,
+        return_dict: bool | None = None,
+        cache_position: torch.LongTensor | None = None,
+        logits_to_keep: int | torch.Tensor = 0,
+        **kwargs,
+    ) -> FastVLMCausalLMOutputWithPast | tuple:
+        r"""
+        labels (`torch.LongTensor` of shape `(batch_size, sequence_length)`, *optional*):
+            Target ids for the next-token loss; positions set to -100 (e.g. image tokens, prompt) are ignored.
+        logits_to_keep (`int` or `torch.Tensor`, *optional*, defaults to 0):
+            Compute logits only for the last `logits_to_keep` positions (0 keeps all), or for the given indices.
+        """
+        return_dict = return_dict if return_dict is not None else self.config.return_dict
+        outputs = self.model(
+            input_ids=input_ids,
+            pixel_values=pixel_values,
+            attention_mask=attention_mask,
+            position_ids=position_ids,
+            past_key_values=past_key_values,
+            inputs_embeds=inputs_embeds,
+            use_cache=use_cache,
+            output_attentions=output_attentions,
+            output_hidden_states=output_hidden_states,
+            return_dict=True,
+            cache_position=cache_position,
+            **kwargs,
+        )
+        hidden_states = outputs.last_hidden_state
+        keep = slice(-logits_to_keep, None) if isinstance(logits_to_keep, int) else logits_to_keep
+        logits = self.lm_head(hidden_states[:, keep, :])
+
+        loss = None
+        if labels is not None:
+            loss = self.loss_function(logits, labels, vocab_size=self.config.text_config.vocab_size, **kwargs)
+
+        output = FastVLMCausalLMOutputWithPast(
+            loss=loss,
+            logits=logits,
+            past_key_values=outputs.past_key_values,
+            hidden_states=outputs.hidden_states,
+            attentions=outputs.attentions,
+            image_hidden_states=outputs.image_hidden_states,
+        )
+        return output if return_dict else output.to_tuple()
+
+    def prepare_inputs_for_generation(
+        self, *args, pixel_values: torch.FloatTensor | None = None, is_first_iteration: bool | None = None, **kwargs
+    ) -> dict:
+        if is_first_iteration is not None:  # only 5.x passes it, and its base method expects it
+            kwargs["is_first_iteration"] = is_first_iteration
+        model_inputs = super().prepare_inputs_for_generation(*args, **kwargs)
+        # Images are encoded once, on the prefill step; later steps reuse the cache.
+        if is_first_generation_step(model_inputs, is_first_iteration) or not kwargs.get("use_cache", True):
+            model_inputs["pixel_values"] = pixel_values
+        return model_inputs
