@@ -38,3 +38,67 @@ def build_tiny_tokenizer(vocab_size: int = 320) -> PreTrainedTokenizerFast:
 @pytest.fixture(scope="session")
 def tiny_tokenizer() -> PreTrainedTokenizerFast:
     return build_tiny_tokenizer()
+
+
+# A FastViTHD with the real topology (5 stages, stride 64, RepMixer ×3 + attention ×2) at toy widths.
+TINY_VISION_CONFIG = {
+    "depths": [1, 1, 1, 2, 1],
+    "embed_dims": [8, 16, 32, 64, 128],
+    "hidden_size": 256,
+    "attention_head_dim": 16,
+    "image_size": 128,
+}
+
+
+def tiny_text_config(vocab_size: int, tie_word_embeddings: bool = True) -> dict:
+    return {
+        "model_type": "qwen2",
+        "vocab_size": vocab_size,
+        "hidden_size": 64,
+        "intermediate_size": 128,
+        "num_hidden_layers": 2,
+        "num_attention_heads": 4,
+        "num_key_value_heads": 2,
+        "max_position_embeddings": 512,
+        "tie_word_embeddings": tie_word_embeddings,
+    }
+
+
+def randomize_non_parameter_state(model) -> None:
+    """Give BatchNorm statistics and layer scales non-default values, so that a load that silently
+    re-initialises them (instead of reading the checkpoint) changes the outputs."""
+    import torch
+
+    generator = torch.Generator().manual_seed(1234)
+    with torch.no_grad():
+        for name, tensor in model.state_dict().items():
+            if name.endswith("running_mean"):
+                tensor.copy_(torch.randn(tensor.shape, generator=generator) * 0.1)
+            elif name.endswith("running_var"):
+                tensor.copy_(torch.rand(tensor.shape, generator=generator) + 0.5)
+            elif name.endswith("gamma") or "bn.weight" in name or "norm.weight" in name:
+                tensor.copy_(torch.rand(tensor.shape, generator=generator) + 0.5)
+
+
+@pytest.fixture(scope="session")
+def tiny_config(tiny_tokenizer):
+    from fastvlm_hf import FastVLMConfig
+
+    return FastVLMConfig(
+        vision_config=TINY_VISION_CONFIG,
+        text_config=tiny_text_config(len(tiny_tokenizer)),
+        image_token_id=tiny_tokenizer.convert_tokens_to_ids("<image>"),
+        eos_token_id=tiny_tokenizer.eos_token_id,
+        pad_token_id=tiny_tokenizer.pad_token_id,
+    )
+
+
+@pytest.fixture(scope="session")
+def tiny_model(tiny_config):
+    import torch
+    from fastvlm_hf import FastVLMForConditionalGeneration
+
+    torch.manual_seed(0)
+    model = FastVLMForConditionalGeneration(tiny_config)
+    randomize_non_parameter_state(model)
+    return model.eval()

@@ -73,14 +73,12 @@ class FastVLMPreTrainedModel(PreTrainedModel):
     _supports_attention_backend = True
 
     def _init_weights(self, module: nn.Module) -> None:
-        if isinstance(module, FastVLMMultiModalProjector):
-            std = self.config.text_config.initializer_range
-            for linear in (module.linear_1, module.linear_2):
-                weight_init.normal_(linear.weight, mean=0.0, std=std)
-                if linear.bias is not None:
-                    weight_init.zeros_(linear.bias)
-        elif module is getattr(self, "lm_head", None):
+        # The vision tower and the language model are `PreTrainedModel`s that initialise themselves; what is left
+        # here are the projector's linear layers and the LM head.
+        if isinstance(module, nn.Linear):
             weight_init.normal_(module.weight, mean=0.0, std=self.config.text_config.initializer_range)
+            if module.bias is not None:
+                weight_init.zeros_(module.bias)
 
 
 class FastVLMModel(FastVLMPreTrainedModel):

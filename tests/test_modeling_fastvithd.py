@@ -1,0 +1,269 @@
+"""FastViTHD: each block against hand-written math, the whole encoder's shapes, layout and serialisation."""
+
+import math
+
+import pytest
+import torch
+from conftest import TINY_VISION_CONFIG, randomize_non_parameter_state
+from transformers import AutoConfig, AutoModel
+
+from fastvlm_hf import FastViTHDConfig, FastViTHDModel
+from fastvlm_hf.modeling_fastvithd import (
+    FastViTHDAttentionBlock,
+    FastViTHDConvAct,
+    FastViTHDConvMlp,
+    FastViTHDLayerNorm2d,
+    FastViTHDPatchEmbed,
+    FastViTHDRepMixerBlock,
+    FastViTHDStage,
+)
+
+
+def seeded(module, seed=0):
+    generator = torch.Generator().manual_seed(seed)
+    with torch.no_grad():
+        for tensor in module.state_dict().values():
+            if tensor.is_floating_point():
+                tensor.copy_(torch.randn(tensor.shape, generator=generator) * 0.3)
+        for submodule in module.modules():
+            if isinstance(submodule, torch.nn.BatchNorm2d):
+                submodule.running_var.abs_().add_(0.5)
+    return module.eval()
+
+
+def depthwise_conv_by_hand(x, weight, bias):
+    """Same-padded depthwise cross-correlation as an explicit sum of shifted, weighted copies."""
+    channels, _, kernel, _ = weight.shape
+    pad = kernel // 2
+    padded = torch.nn.functional.pad(x, (pad, pad, pad, pad))
+    height, width = x.shape[-2:]
+    out = torch.zeros_like(x)
+    for dy in range(kernel):
+        for dx in range(kernel):
+            out += padded[:, :, dy : dy + height, dx : dx + width] * weight[:, 0, dy, dx].view(1, channels, 1, 1)
+    return out + bias.view(1, channels, 1, 1)
+
+
+def pointwise_by_hand(x, weight, bias):
+    return torch.einsum("oc,bchw->bohw", weight[:, :, 0, 0], x) + bias.view(1, -1, 1, 1)
+
+
+def gelu_by_hand(x):
+    return 0.5 * x * (1.0 + torch.erf(x / math.sqrt(2.0)))
+
+
+def channel_layer_norm_by_hand(x, weight, bias, eps):
+    mean = x.mean(dim=1, keepdim=True)
+    biased_variance = ((x - mean) ** 2).sum(dim=1, keepdim=True) / x.shape[1]
+    return (x - mean) / torch.sqrt(biased_variance + eps) * weight.view(1, -1, 1, 1) + bias.view(1, -1, 1, 1)
+
+
+def conv_mlp_by_hand(mlp, x):
+    bn = mlp.conv.bn
+    y = depthwise_conv_by_hand(x, mlp.conv.conv.weight, torch.zeros(x.shape[1], dtype=x.dtype))
+    y = (y - bn.running_mean.view(1, -1, 1, 1)) / torch.sqrt(bn.running_var.view(1, -1, 1, 1) + bn.eps)
+    y = y * bn.weight.view(1, -1, 1, 1) + bn.bias.view(1, -1, 1, 1)
+    y = gelu_by_hand(pointwise_by_hand(y, mlp.fc1.weight, mlp.fc1.bias))
+    return pointwise_by_hand(y, mlp.fc2.weight, mlp.fc2.bias)
+
+
+@pytest.fixture
+def config():
+    return FastViTHDConfig(**TINY_VISION_CONFIG)
+
+
+@torch.no_grad()
+def test_repmixer_is_its_depthwise_conv_without_residual(config):
+    block = seeded(FastViTHDRepMixerBlock(config, channels=8, mlp_ratio=2.0))
+    x = torch.randn(2, 8, 9, 7, dtype=torch.float64)
+    block.double()
+    mixed = depthwise_conv_by_hand(x, block.token_mixer.reparam_conv.weight, block.token_mixer.reparam_conv.bias)
+    assert torch.allclose(block.token_mixer(x), mixed, atol=1e-12)
+    expected = mixed + block.layer_scale.gamma.view(1, -1, 1, 1) * conv_mlp_by_hand(block.mlp, mixed)
+    assert torch.allclose(block(x), expected, atol=1e-10)
+
+
+@torch.no_grad()
+def test_repcpe_is_its_7x7_depthwise_conv_without_residual(config):
+    stage = seeded(FastViTHDStage(config, stage_index=3)).double()
+    x = torch.randn(1, 64, 6, 6, dtype=torch.float64)
+    conv = stage.pos_emb.reparam_conv
+    assert conv.kernel_size == (7, 7) and conv.groups == 64
+    assert torch.allclose(stage.pos_emb(x), depthwise_conv_by_hand(x, conv.weight, conv.bias), atol=1e-12)
+
+
+@torch.no_grad()
+def test_convffn_uses_batchnorm_running_statistics(config):
+    mlp = seeded(FastViTHDConvMlp(config, channels=8, hidden_channels=16)).double()
+    x = torch.randn(2, 8, 5, 5, dtype=torch.float64)
+    assert torch.allclose(mlp(x), conv_mlp_by_hand(mlp, x), atol=1e-10)
+
+
+@torch.no_grad()
+def test_channel_layer_norm_matches_biased_variance_formula():
+    norm = FastViTHDLayerNorm2d(channels=6, eps=1e-5)
+    seeded(norm)
+    x = torch.randn(3, 6, 4, 5) * 3 + 1
+    expected = channel_layer_norm_by_hand(x.double(), norm.weight.double(), norm.bias.double(), 1e-5)
+    assert torch.allclose(norm(x).double(), expected, atol=1e-5)
+
+
+@torch.no_grad()
+def test_attention_block_matches_explicit_softmax_attention():
+    config = FastViTHDConfig(**{**TINY_VISION_CONFIG, "attention_head_dim": 32})
+    block = seeded(FastViTHDAttentionBlock(config, channels=64, mlp_ratio=2.0)).double()
+    x = torch.randn(2, 64, 3, 5, dtype=torch.float64)
+
+    mixer = block.token_mixer
+    assert mixer.qkv.bias is None and mixer.num_heads == 2
+    normed = channel_layer_norm_by_hand(x, block.norm.weight, block.norm.bias, config.layer_norm_eps)
+    tokens = normed.flatten(2).transpose(1, 2)  # (B, N, C), row-major
+    q, k, v = (tokens @ mixer.qkv.weight.T).split(64, dim=-1)
+    heads = []
+    for h in range(2):  # channels [32h, 32h+32) belong to head h
+        qh, kh, vh = (t[..., 32 * h : 32 * (h + 1)] for t in (q, k, v))
+        weights = torch.softmax((qh * 32**-0.5) @ kh.transpose(1, 2), dim=-1)
+        heads.append(weights @ vh)
+    attended = torch.cat(heads, dim=-1) @ mixer.proj.weight.T + mixer.proj.bias
+    attended = attended.transpose(1, 2).reshape_as(x)
+    expected = x + block.layer_scale_1.gamma.view(1, -1, 1, 1) * attended
+    expected = expected + block.layer_scale_2.gamma.view(1, -1, 1, 1) * conv_mlp_by_hand(block.mlp, expected)
+    assert torch.allclose(block(x), expected, atol=1e-10)
+
+
+@torch.no_grad()
+def test_patch_embed_is_grouped_strided_conv_with_gelu_then_pointwise_with_gelu(config):
+    embed = seeded(FastViTHDPatchEmbed(config, in_channels=8, out_channels=16)).double()
+    x = torch.randn(1, 8, 10, 10, dtype=torch.float64)
+    large = embed.proj[0].reparam_conv
+    assert large.groups == 8 and large.stride == (2, 2) and large.kernel_size == (7, 7)
+    # groups = in_channels with 2 outputs per group: output channel o reads input channel o // 2
+    expanded = x.repeat_interleave(2, dim=1)
+    y = depthwise_conv_by_hand(expanded, large.weight, large.bias)[:, :, ::2, ::2]
+    y = gelu_by_hand(y)
+    y = gelu_by_hand(pointwise_by_hand(y, embed.proj[1].reparam_conv.weight, embed.proj[1].reparam_conv.bias))
+    assert torch.allclose(embed(x), y, atol=1e-10)
+
+
+@pytest.mark.parametrize("side", [8, 24])
+@torch.no_grad()
+def test_squeeze_excite_pools_the_whole_map(side):
+    """At 512 px the final map is 8×8 and at 1536 px 24×24: the gate must average every pixel."""
+    final_conv = seeded(FastViTHDConvAct(16, 32, 3, "gelu", groups=16, se_hidden_size=4)).double()
+    x = torch.randn(1, 16, side, side, dtype=torch.float64)
+    conv = final_conv.reparam_conv(x)
+    pooled = conv.sum(dim=(2, 3), keepdim=True) / (side * side)
+    se = final_conv.se
+    gate = torch.sigmoid(pointwise_by_hand(torch.relu(pointwise_by_hand(pooled, se.fc1.weight, se.fc1.bias)), se.fc2.weight, se.fc2.bias))
+    assert torch.allclose(final_conv(x), gelu_by_hand(conv * gate), atol=1e-10)
+
+
+@pytest.mark.parametrize("side,tokens", [(512, 64), (1536, 576)])
+@torch.no_grad()
+def test_squeeze_excite_is_global_inside_the_encoder(config, side, tokens):
+    model = seeded(FastViTHDModel(config))
+    captured = {}
+    model.final_conv.se.register_forward_hook(lambda module, args, out: captured.update(x=args[0], out=out))
+    output = model(torch.rand(1, 3, side, side))
+    x = captured["x"]
+    assert x.shape[-2] * x.shape[-1] == tokens
+    se = model.final_conv.se
+    gate = torch.sigmoid(se.fc2(torch.relu(se.fc1(x.mean(dim=(2, 3), keepdim=True)))))
+    assert torch.allclose(captured["out"], x * gate, atol=1e-6)
+    assert output.last_hidden_state.shape == (1, 256, side // 64, side // 64)
+
+
+@pytest.mark.parametrize("side", [64, 256, 512, 768, 1536])
+@torch.no_grad()
+def test_any_multiple_of_64_gives_side_over_64_squared_tokens(config, side):
+    model = FastViTHDModel(config).eval()
+    out = model(torch.rand(1, 3, side, side), output_hidden_states=True)
+    assert out.last_hidden_state.shape == (1, config.hidden_size, side // 64, side // 64)
+    assert out.pooler_output.shape == (1, config.hidden_size)
+    assert torch.allclose(out.pooler_output, out.last_hidden_state.mean(dim=(2, 3)))
+    # stem, then one map per stage, each stage after the first halving the resolution
+    assert [h.shape[1:] for h in out.hidden_states] == [
+        (8, side // 4, side // 4),
+        (8, side // 4, side // 4),
+        (16, side // 8, side // 8),
+        (32, side // 16, side // 16),
+        (64, side // 32, side // 32),
+        (128, side // 64, side // 64),
+    ]
+
+
+def test_non_square_and_non_multiple_inputs(config):
+    model = FastViTHDModel(config).eval()
+    with torch.no_grad():
+        assert model(torch.rand(2, 3, 128, 320)).last_hidden_state.shape == (2, 256, 2, 5)
+        with pytest.raises(ValueError, match="multiples of 64, got 100×128"):
+            model(torch.rand(1, 3, 100, 128))
+
+
+def test_default_config_is_fastvithd():
+    config = FastViTHDConfig()
+    assert config.depths == [2, 12, 24, 4, 2]
+    assert config.embed_dims == [96, 192, 384, 768, 1536]
+    assert config.patch_size == 64 and config.hidden_size == 3072 and config.se_hidden_size == 192
+    with torch.device("meta"):
+        model = FastViTHDModel(config)
+    # Apple's 629 vision tensors minus the unused CLIP head, and its 122,714,208 parameters without the head.
+    assert len(model.state_dict()) == 628
+    assert sum(p.numel() for p in model.parameters()) == 122_714_208
+
+
+@torch.no_grad()
+def test_default_size_forward_at_1024():
+    model = AutoModel.from_config(FastViTHDConfig()).eval()
+    assert isinstance(model, FastViTHDModel)
+    out = model(torch.rand(1, 3, 1024, 1024, dtype=torch.bfloat16).float())
+    assert out.last_hidden_state.shape == (1, 3072, 16, 16)
+    assert torch.isfinite(out.last_hidden_state).all()
+
+
+def test_module_names_follow_timm_fastvit(config):
+    names = set(FastViTHDModel(config).state_dict())
+    for expected in [
+        "stem.0.reparam_conv.weight",
+        "stem.1.reparam_conv.weight",
+        "stages.0.blocks.0.token_mixer.reparam_conv.weight",
+        "stages.0.blocks.0.mlp.conv.conv.weight",
+        "stages.0.blocks.0.mlp.conv.bn.running_var",
+        "stages.0.blocks.0.mlp.fc1.weight",
+        "stages.0.blocks.0.layer_scale.gamma",
+        "stages.1.downsample.proj.0.reparam_conv.weight",
+        "stages.1.downsample.proj.1.reparam_conv.weight",
+        "stages.3.pos_emb.reparam_conv.weight",
+        "stages.3.blocks.1.norm.weight",
+        "stages.3.blocks.1.token_mixer.qkv.weight",
+        "stages.3.blocks.1.token_mixer.proj.bias",
+        "stages.3.blocks.1.layer_scale_1.gamma",
+        "stages.4.blocks.0.layer_scale_2.gamma",
+        "final_conv.reparam_conv.weight",
+        "final_conv.se.fc1.weight",
+        "final_conv.se.fc2.bias",
+    ]:
+        assert expected in names, expected
+    assert not any("stages.0.downsample" in n or "stages.2.pos_emb" in n for n in names)
+
+
+def test_config_validation():
+    with pytest.raises(ValueError, match="`embed_dims` has 4 entries"):
+        FastViTHDConfig(embed_dims=[1, 2, 3, 4])
+    with pytest.raises(ValueError, match="Unknown token mixer"):
+        FastViTHDConfig(token_mixers=["repmixer"] * 4 + ["conv"])
+
+
+def test_save_and_load_round_trip(tmp_path, config):
+    torch.manual_seed(0)
+    model = FastViTHDModel(config).eval()
+    randomize_non_parameter_state(model)
+    model.save_pretrained(tmp_path)
+    assert isinstance(AutoConfig.from_pretrained(tmp_path), FastViTHDConfig)
+    reloaded = AutoModel.from_pretrained(tmp_path).eval()
+    assert isinstance(reloaded, FastViTHDModel)
+    for name, tensor in model.state_dict().items():
+        assert torch.equal(tensor, reloaded.state_dict()[name]), name
+    pixels = torch.rand(1, 3, 128, 128)
+    with torch.no_grad():
+        assert torch.equal(model(pixels).last_hidden_state, reloaded(pixels).last_hidden_state)

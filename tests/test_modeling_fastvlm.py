@@ -1,0 +1,197 @@
+"""FastVLM model: image features, placeholder scattering, generation, loss, tying and serialisation."""
+
+import math
+
+import pytest
+import torch
+from conftest import TINY_VISION_CONFIG, randomize_non_parameter_state, tiny_text_config
+from transformers import AutoConfig, AutoModel, AutoModelForImageTextToText, Qwen2Model
+
+from fastvlm_hf import FastVLMConfig, FastVLMForConditionalGeneration, FastVLMModel
+
+IMAGE_SIDE = 128  # 2×2 = 4 image tokens per image with the tiny encoder
+TOKENS_PER_IMAGE = 4
+
+
+def prompt_ids(config, text_before=(1, 5, 6), text_after=(7, 8, 2, 1), num_images=1):
+    image = [config.image_token_id] * TOKENS_PER_IMAGE
+    return torch.tensor([list(text_before) + image * num_images + list(text_after)])
+
+
+def pixels(num_images=1, seed=0):
+    return torch.rand(num_images, 3, IMAGE_SIDE, IMAGE_SIDE, generator=torch.Generator().manual_seed(seed))
+
+
+def test_config_defaults_are_fastvlm_0_5b():
+    config = FastVLMConfig()
+    assert config.text_config.model_type == "qwen2"
+    assert (config.text_config.hidden_size, config.text_config.num_hidden_layers) == (896, 24)
+    assert config.vision_config.hidden_size == 3072
+    assert config.image_token_id == 151646 and config.image_token_index == 151646
+    assert config.tie_word_embeddings is True
+    assert config.num_image_tokens == 256
+
+
+def test_language_model_is_transformers_qwen2_with_sdpa(tiny_model):
+    assert type(tiny_model.model.language_model) is Qwen2Model
+    assert tiny_model.model.language_model.config._attn_implementation == "sdpa"
+
+
+@torch.no_grad()
+def test_image_features_are_projected_row_major_tokens(tiny_model):
+    pv = pixels(2)
+    features = tiny_model.get_image_features(pv)
+    assert features.shape == (2, TOKENS_PER_IMAGE, 64)
+    feature_map = tiny_model.model.vision_tower(pv).last_hidden_state  # (2, 256, 2, 2)
+    tokens = torch.stack([feature_map[:, :, r, c] for r in range(2) for c in range(2)], dim=1)
+    projector = tiny_model.model.multi_modal_projector
+    hidden = tokens @ projector.linear_1.weight.T + projector.linear_1.bias
+    hidden = 0.5 * hidden * (1 + torch.erf(hidden / math.sqrt(2)))  # exact GELU
+    expected = hidden @ projector.linear_2.weight.T + projector.linear_2.bias
+    assert torch.allclose(features, expected, atol=1e-5)
+
+
+@torch.no_grad()
+def test_features_replace_the_image_token_embeddings(tiny_model, tiny_config):
+    ids = prompt_ids(tiny_config, num_images=2)
+    pv = pixels(2)
+    out = tiny_model(input_ids=ids, pixel_values=pv, output_hidden_states=True)
+    embeddings = out.hidden_states[0][0]
+    is_image = ids[0] == tiny_config.image_token_id
+    assert torch.equal(embeddings[is_image], out.image_hidden_states.reshape(-1, 64))
+    text_embeddings = tiny_model.get_input_embeddings()(ids[0][~is_image])
+    assert torch.equal(embeddings[~is_image], text_embeddings)
+    assert out.logits.shape == (1, ids.shape[1], tiny_config.text_config.vocab_size)
+
+
+def test_token_feature_mismatch_names_both_counts(tiny_model, tiny_config):
+    ids = prompt_ids(tiny_config, num_images=1)
+    with pytest.raises(ValueError, match=r"4 image tokens but 2 image\(s\) give 8 features"):
+        tiny_model(input_ids=ids, pixel_values=pixels(2))
+    truncated = ids[:, :5]  # cuts through the image tokens
+    with pytest.raises(ValueError, match="2 image tokens but 1 image"):
+        tiny_model(input_ids=truncated, pixel_values=pixels(1))
+
+
+@torch.no_grad()
+def test_text_only_forward_and_generate(tiny_model):
+    ids = torch.tensor([[1, 5, 6, 7, 2, 1]])
+    out = tiny_model(input_ids=ids)
+    assert out.image_hidden_states is None
+    generated = tiny_model.generate(input_ids=ids, max_new_tokens=4, do_sample=False)
+    assert generated.shape == (1, 10)
+
+
+@torch.no_grad()
+def test_batch_with_different_image_counts_matches_single_prompts(tiny_model, tiny_config):
+    one = prompt_ids(tiny_config, num_images=1, text_after=(7, 8, 9, 2, 1))  # 3 + 4 + 5 tokens
+    two = prompt_ids(tiny_config, num_images=2, text_after=(7,))  # 3 + 8 + 1 tokens
+    assert one.shape == two.shape
+    pv_one, pv_two = pixels(1, seed=1), pixels(2, seed=2)
+    batched = tiny_model(input_ids=torch.cat([one, two]), pixel_values=torch.cat([pv_one, pv_two])).logits
+    assert torch.allclose(batched[0], tiny_model(input_ids=one, pixel_values=pv_one).logits[0], atol=1e-5)
+    assert torch.allclose(batched[1], tiny_model(input_ids=two, pixel_values=pv_two).logits[0], atol=1e-5)
+
+
+@torch.no_grad()
+def test_greedy_generate_equals_uncached_argmax_loop(tiny_model, tiny_config):
+    ids, pv = prompt_ids(tiny_config), pixels()
+    generated = tiny_model.generate(input_ids=ids, pixel_values=pv, max_new_tokens=6, do_sample=False)
+    sequence = ids
+    for _ in range(6):
+        logits = tiny_model(input_ids=sequence, pixel_values=pv, use_cache=False).logits
+        sequence = torch.cat([sequence, logits[:, -1:].argmax(-1)], dim=1)
+    assert torch.equal(generated, sequence)
+
+
+@torch.no_grad()
+def test_generate_encodes_images_only_on_prefill(tiny_model, tiny_config):
+    calls = []
+    hook = tiny_model.model.vision_tower.register_forward_hook(lambda *args: calls.append(1))
+    try:
+        tiny_model.generate(input_ids=prompt_ids(tiny_config), pixel_values=pixels(), max_new_tokens=5, do_sample=False)
+    finally:
+        hook.remove()
+    assert len(calls) == 1
+
+
+def test_labels_give_shifted_cross_entropy_and_gradients_reach_the_encoder(tiny_config):
+    torch.manual_seed(0)
+    model = FastVLMForConditionalGeneration(tiny_config).train()
+    ids, pv = prompt_ids(tiny_config), pixels()
+    labels = ids.clone()
+    labels[ids == tiny_config.image_token_id] = -100
+    out = model(input_ids=ids, pixel_values=pv, labels=labels)
+    expected = torch.nn.functional.cross_entropy(out.logits[0, :-1], labels[0, 1:], ignore_index=-100)
+    assert torch.allclose(out.loss, expected, atol=1e-6)
+    out.loss.backward()
+    for part in (model.model.vision_tower.stem, model.model.multi_modal_projector, model.model.language_model):
+        assert any(p.grad is not None and p.grad.abs().sum() > 0 for p in part.parameters())
+
+
+def test_logits_to_keep_returns_last_positions_only(tiny_model, tiny_config):
+    ids, pv = prompt_ids(tiny_config), pixels()
+    with torch.no_grad():
+        full = tiny_model(input_ids=ids, pixel_values=pv).logits
+        last = tiny_model(input_ids=ids, pixel_values=pv, logits_to_keep=1).logits
+    assert last.shape[1] == 1 and torch.allclose(last[:, 0], full[:, -1], atol=1e-6)
+
+
+def test_tied_and_untied_heads(tiny_tokenizer, tmp_path):
+    vocab = len(tiny_tokenizer)
+    tied = FastVLMForConditionalGeneration(FastVLMConfig(vision_config=TINY_VISION_CONFIG, text_config=tiny_text_config(vocab)))
+    assert tied.config.tie_word_embeddings is True
+    assert tied.lm_head.weight.data_ptr() == tied.get_input_embeddings().weight.data_ptr()
+
+    untied_config = FastVLMConfig(vision_config=TINY_VISION_CONFIG, text_config=tiny_text_config(vocab, tie_word_embeddings=False))
+    assert untied_config.tie_word_embeddings is False
+    untied = FastVLMForConditionalGeneration(untied_config)
+    assert untied.lm_head.weight.data_ptr() != untied.get_input_embeddings().weight.data_ptr()
+    untied.save_pretrained(tmp_path)
+    reloaded = FastVLMForConditionalGeneration.from_pretrained(tmp_path)
+    assert torch.equal(reloaded.lm_head.weight, untied.lm_head.weight)
+    assert not torch.equal(reloaded.lm_head.weight, reloaded.get_input_embeddings().weight)
+
+
+def test_auto_classes_round_trip_with_identical_logits(tiny_model, tiny_config, tmp_path):
+    tiny_model.save_pretrained(tmp_path)
+    assert isinstance(AutoConfig.from_pretrained(tmp_path), FastVLMConfig)
+    reloaded = AutoModelForImageTextToText.from_pretrained(tmp_path, dtype=torch.float32).eval()
+    assert type(reloaded) is FastVLMForConditionalGeneration
+    for name, tensor in tiny_model.state_dict().items():
+        assert torch.equal(tensor, reloaded.state_dict()[name]), name
+    ids, pv = prompt_ids(tiny_config), pixels()
+    with torch.no_grad():
+        assert torch.equal(tiny_model(input_ids=ids, pixel_values=pv).logits, reloaded(input_ids=ids, pixel_values=pv).logits)
+    base = AutoModel.from_pretrained(tmp_path, dtype=torch.float32)
+    assert type(base) is FastVLMModel
+
+
+def test_from_config_on_meta_device_then_load(tiny_model, tmp_path):
+    """transformers 5 builds models on the meta device; every tensor must still come from the checkpoint."""
+    tiny_model.save_pretrained(tmp_path)
+    with torch.device("meta"):
+        meta_model = FastVLMForConditionalGeneration(tiny_model.config)
+    assert all(t.device.type == "meta" for t in meta_model.state_dict().values())
+    reloaded = FastVLMForConditionalGeneration.from_pretrained(tmp_path, dtype=torch.float32)
+    for name in ("model.vision_tower.stages.0.blocks.0.mlp.conv.bn.running_var", "model.vision_tower.stages.0.blocks.0.layer_scale.gamma"):
+        assert torch.equal(reloaded.state_dict()[name], tiny_model.state_dict()[name])
+
+
+def test_random_init_is_sane(tiny_config):
+    model = FastVLMForConditionalGeneration._from_config(tiny_config)
+    state = model.state_dict()
+    gamma = state["model.vision_tower.stages.3.blocks.0.layer_scale_1.gamma"]
+    assert torch.all(gamma == tiny_config.vision_config.layer_scale_init_value)
+    assert torch.all(state["model.vision_tower.stages.0.blocks.0.mlp.conv.bn.running_var"] == 1)
+    assert torch.all(state["model.vision_tower.stages.3.blocks.0.norm.weight"] == 1)
+    std = state["model.multi_modal_projector.linear_1.weight"].std()
+    assert 0.01 < std < 0.03  # initializer_range 0.02
+
+
+def test_device_map_auto_loads(tiny_model, tiny_config, tmp_path):
+    tiny_model.save_pretrained(tmp_path)
+    model = AutoModelForImageTextToText.from_pretrained(tmp_path, device_map="auto", dtype=torch.float32)
+    ids, pv = prompt_ids(tiny_config), pixels()
+    with torch.no_grad():
+        assert torch.allclose(model(input_ids=ids, pixel_values=pv).logits, tiny_model(input_ids=ids, pixel_values=pv).logits)
