@@ -1,0 +1,203 @@
+"""Processor for FastVLM: a Qwen2 tokenizer, a [`FastVLMImageProcessor`] and a ChatML chat template."""
+
+from typing import Any
+
+from transformers.feature_extraction_utils import BatchFeature
+from transformers.processing_utils import ProcessingKwargs, ProcessorMixin
+
+from .compat import IS_TRANSFORMERS_5
+from .image_processing_fastvlm import FastVLMImageProcessorKwargs, flatten_images
+
+# ChatML, as Apple's `qwen_2` conversation: a default system message when the conversation has none; in each message
+# the images first, as consecutive `<image>` placeholders, then a newline and the text parts, one per line.
+DEFAULT_CHAT_TEMPLATE = r"""{%- if messages[0]['role'] != 'system' -%}
+{{- '<|im_start|>system\nYou are a helpful assistant.<|im_end|>\n' -}}
+{%- endif -%}
+{%- for message in messages -%}
+{{- '<|im_start|>' + message['role'] + '\n' -}}
+{%- if message['content'] is string -%}
+{{- message['content'] -}}
+{%- else -%}
+{%- set images = message['content'] | selectattr('type', 'equalto', 'image') | list -%}
+{%- set texts = message['content'] | selectattr('type', 'equalto', 'text') | map(attribute='text') | list -%}
+{{- '<image>' * (images | length) -}}
+{%- if images and texts -%}
+{{- '\n' -}}
+{%- endif -%}
+{{- texts | join('\n') -}}
+{%- endif -%}
+{{- '<|im_end|>\n' -}}
+{%- endfor -%}
+{%- if add_generation_prompt -%}
+{{- '<|im_start|>assistant\n' -}}
+{%- endif -%}
+"""
+
+
+class FastVLMProcessorKwargs(ProcessingKwargs, total=False):
+    images_kwargs: FastVLMImageProcessorKwargs
+    _defaults = {}  # read by 4.57's `_merge_kwargs`; TypedDicts do not inherit it
+
+
+class FastVLMProcessor(ProcessorMixin):
+    r"""
+    Builds FastVLM's inputs from text and images: each `<image>` placeholder in the text becomes one image token per
+    output cell of the vision encoder, `(height // patch_size) * (width // patch_size)` of them (256 for 1024x1024
+    images), and the images become `pixel_values`.
+
+    Args:
+        image_processor ([`FastVLMImageProcessor`]):
+            The image processor; its `patch_size` sets the number of image tokens.
+        tokenizer ([`PreTrainedTokenizerBase`]):
+            The Qwen2 tokenizer; it must know `image_token`.
+        chat_template (`str`, *optional*):
+            Jinja chat template; defaults to [`DEFAULT_CHAT_TEMPLATE`], the ChatML layout of Apple's reference.
+        image_token (`str`, *optional*, defaults to `"<image>"`):
+            The placeholder in the text, which is also the token repeated for each image feature.
+
+    Example:
+
+    ```python
+    >>> import fastvlm_hf
+    >>> from PIL import Image
+    >>> from transformers import AutoProcessor
+
+    >>> processor = AutoProcessor.from_pretrained("apple/FastVLM-0.5B")
+    >>> image = Image.new("RGB", (640, 480))
+    >>> content = [{"type": "image", "image": image}, {"type": "text", "text": "Describe the image."}]
+    >>> inputs = processor.apply_chat_template(
+    ...     [{"role": "user", "content": content}],
+    ...     add_generation_prompt=True, tokenize=True, return_dict=True, return_tensors="pt"
+    ... )
+    >>> inputs["input_ids"].eq(processor.image_token_id).sum().item(), inputs["pixel_values"].shape
+    (256, torch.Size([1, 3, 1024, 1024]))
+    ```
+    """
+
+    if not IS_TRANSFORMERS_5:  # 5.x infers the sub-processors from `__init__` and calls these attributes deprecated
+        attributes = ["image_processor", "tokenizer"]
+        image_processor_class = "AutoImageProcessor"
+        tokenizer_class = "AutoTokenizer"
+
+    valid_processor_kwargs = FastVLMProcessorKwargs
+    model_input_names = ["input_ids", "attention_mask", "pixel_values"]
+
+    def __init__(self, image_processor=None, tokenizer=None, chat_template=None, image_token="<image>", **kwargs):
+        self.image_token = image_token
+        if chat_template is None:
+            chat_template = DEFAULT_CHAT_TEMPLATE
+        super().__init__(image_processor, tokenizer, chat_template=chat_template, **kwargs)
+
+    @property
+    def image_token_id(self) -> int:
+        """The tokenizer's id of `image_token`."""
+        token_id = self.tokenizer.convert_tokens_to_ids(self.image_token)
+        if token_id is None or token_id == self.tokenizer.unk_token_id:
+            raise ValueError(
+                f"The tokenizer has no {self.image_token!r} token. Add it with "
+                f"`tokenizer.add_tokens([{self.image_token!r}], special_tokens=True)` and resize the model's token "
+                f"embeddings to match."
+            )
+        return token_id
+
+    def num_image_tokens(self, height: int, width: int) -> int:
+        """Number of image tokens for an image processed to `height` x `width` pixels."""
+        patch_size = self.image_processor.patch_size
+        return (height // patch_size) * (width // patch_size)
+
+    def __call__(self, images=None, text=None, videos=None, audio=None, **kwargs) -> BatchFeature:
+        """
+        Tokenizes `text`, expanding each `<image>` placeholder into image tokens, and preprocesses `images`.
+
+        Args:
+            images:
+                An image or a list of images, in the order of the placeholders, or one list of images per text (as
+                `apply_chat_template` passes them). See [`FastVLMImageProcessor.preprocess`] for the accepted types.
+            text (`str` or `list[str]`, *optional*):
+                The prompt(s), with one `<image>` placeholder per image.
+            **kwargs:
+                Tokenizer arguments (`padding`, `padding_side`, `truncation`, `max_length`, `return_tensors`,
+                `add_special_tokens`, ...) and image-processor arguments (`image_mode`, `size`, ...).
+
+        Returns:
+            [`BatchFeature`] with `input_ids` and `attention_mask` when `text` is given, and `pixel_values` when
+            `images` are.
+        """
+        if videos is not None or audio is not None:
+            raise ValueError("FastVLM takes only images and text; got videos or audio.")
+        if images is None and text is None:
+            raise ValueError("Nothing to process: pass `text`, `images` or both.")
+
+        output_kwargs = self._merge_kwargs(
+            FastVLMProcessorKwargs, tokenizer_init_kwargs=self.tokenizer.init_kwargs, **kwargs
+        )
+        return_tensors = output_kwargs["text_kwargs"].pop("return_tensors", None)
+        output_kwargs["images_kwargs"].pop("return_tensors", None)
+
+        texts = None
+        if text is not None:
+            texts = [text] if isinstance(text, str) else list(text)
+            for sample in texts:
+                if not isinstance(sample, str):
+                    raise TypeError(f"`text` must be a string or a list of strings, got a {type(sample).__name__}.")
+            self._check_placeholders(images, texts)
+
+        data = {}
+        if images is not None:
+            data["pixel_values"] = self.image_processor(images, **output_kwargs["images_kwargs"])["pixel_values"]
+        if texts is not None:
+            tokens_per_image = self.num_image_tokens(*data["pixel_values"].shape[-2:]) if images is not None else 0
+            texts = [sample.replace(self.image_token, self.image_token * tokens_per_image) for sample in texts]
+            text_inputs = self.tokenizer(texts, **output_kwargs["text_kwargs"])
+            if images is not None:
+                self._check_image_tokens_kept(texts, text_inputs["input_ids"], output_kwargs["text_kwargs"])
+            text_inputs.pop("token_type_ids", None)
+            data.update(text_inputs)
+
+        return BatchFeature(data=data, tensor_type=return_tensors)
+
+    def _check_placeholders(self, images: Any, texts: list[str]) -> None:
+        """Raises unless every image has its own `<image>` placeholder, per text when images are given per text."""
+        placeholders = [sample.count(self.image_token) for sample in texts]
+        per_text = (
+            isinstance(images, (list, tuple))
+            and len(images) == len(texts)
+            and all(isinstance(item, (list, tuple)) for item in images)
+        )
+        if per_text:
+            num_images = [len(flatten_images(item)) for item in images]
+            for index, (n_images, n_placeholders) in enumerate(zip(num_images, placeholders)):
+                if n_images != n_placeholders:
+                    raise ValueError(
+                        f"Text {index} has {_count(n_images, 'image')} but "
+                        f"{_count(n_placeholders, f'`{self.image_token}` placeholder')}: put one placeholder in the "
+                        f"text per image."
+                    )
+            return
+        n_images = 0 if images is None else len(flatten_images(images))
+        if n_images != sum(placeholders):
+            raise ValueError(
+                f"{_count(n_images, 'image')} but {_count(sum(placeholders), f'`{self.image_token}` placeholder')} "
+                f"in the text: put one placeholder in the text per image."
+            )
+
+    def _check_image_tokens_kept(self, texts: list[str], input_ids: list[list[int]], text_kwargs: dict) -> None:
+        """Raises when truncation cut image tokens, which would leave the model with features it cannot place."""
+        image_token_id = self.image_token_id
+        for index, (sample, ids) in enumerate(zip(texts, input_ids)):
+            expected = sample.count(self.image_token)
+            kept = list(ids).count(image_token_id)
+            if kept != expected:
+                add_special_tokens = text_kwargs.get("add_special_tokens", True)
+                needed = len(self.tokenizer(sample, add_special_tokens=add_special_tokens)["input_ids"])
+                raise ValueError(
+                    f"Truncation cut image tokens from text {index}: its images need {expected} image tokens but "
+                    f"{kept} were kept. Use `max_length={needed}` or more, or `truncation=False`."
+                )
+
+
+def _count(number: int, noun: str) -> str:
+    return f"{number} {noun}{'' if number == 1 else 's'}"
+
+
+__all__ = ["FastVLMProcessor"]
