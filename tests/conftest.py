@@ -102,3 +102,20 @@ def tiny_model(tiny_config):
     model = FastVLMForConditionalGeneration(tiny_config)
     randomize_non_parameter_state(model)
     return model.eval()
+
+
+@pytest.fixture(scope="session")
+def tiny_processor(tiny_tokenizer):
+    from fastvlm_hf import FastVLMImageProcessor, FastVLMProcessor
+
+    image_size = TINY_VISION_CONFIG["image_size"]
+    return FastVLMProcessor(image_processor=FastVLMImageProcessor(size=image_size), tokenizer=tiny_tokenizer)
+
+
+@pytest.fixture(scope="session")
+def tiny_checkpoint_dir(tiny_model, tiny_processor, tmp_path_factory):
+    """A tiny FastVLM checkpoint in this package's layout, with its processor, as `save_pretrained` writes it."""
+    path = tmp_path_factory.mktemp("tiny-fastvlm")
+    tiny_model.save_pretrained(path)
+    tiny_processor.save_pretrained(path)
+    return path
