@@ -93,9 +93,9 @@ def test_batched_generation_with_left_padding_equals_one_by_one(loaded):
 @torch.no_grad()
 def test_image_mode_changes_what_the_model_sees(loaded):
     model, processor = loaded
-    messages = chat(picture(200, 64), "Describe the image.")
-    kwargs = dict(add_generation_prompt=True, tokenize=True, return_dict=True, return_tensors="pt")
-    padded = processor.apply_chat_template(messages, **kwargs)
-    cropped = processor.apply_chat_template(messages, **kwargs, processor_kwargs={"image_mode": "crop"})
+    image = picture(200, 64)
+    prompt = processor.apply_chat_template(chat(image, "Describe the image."), add_generation_prompt=True, tokenize=False)
+    padded = processor(images=[image], text=prompt, return_tensors="pt")
+    cropped = processor(images=[image], text=prompt, return_tensors="pt", image_mode="crop")
     assert not torch.equal(padded["pixel_values"], cropped["pixel_values"])
     assert not torch.allclose(model(**padded).logits, model(**cropped).logits)
