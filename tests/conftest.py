@@ -18,13 +18,13 @@ _TRAINING_TEXT = [
 ]
 
 
-def build_tiny_tokenizer(vocab_size: int = 320) -> PreTrainedTokenizerFast:
+def build_tiny_tokenizer(vocab_size: int = 320, special_tokens: list[str] = SPECIAL_TOKENS) -> PreTrainedTokenizerFast:
     bpe = Tokenizer(models.BPE())
     bpe.pre_tokenizer = pre_tokenizers.ByteLevel(add_prefix_space=False)
     bpe.decoder = decoders.ByteLevel()
     trainer = trainers.BpeTrainer(
         vocab_size=vocab_size,
-        special_tokens=SPECIAL_TOKENS,
+        special_tokens=special_tokens,
         initial_alphabet=pre_tokenizers.ByteLevel.alphabet(),
     )
     bpe.train_from_iterator(_TRAINING_TEXT * 20, trainer)

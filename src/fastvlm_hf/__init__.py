@@ -4,12 +4,13 @@ from transformers import (
     AutoConfig,
     AutoImageProcessor,
     AutoModel,
+    AutoModelForCausalLM,
     AutoModelForImageTextToText,
     AutoProcessor,
 )
 
 from .configuration_fastvithd import FastViTHDConfig
-from .configuration_fastvlm import FastVLMConfig
+from .configuration_fastvlm import FastVLMConfig, FastVLMLlavaQwen2Config
 from .image_processing_fastvlm import FastVLMImageProcessor
 from .modeling_fastvithd import FastViTHDModel
 from .modeling_fastvlm import FastVLMForConditionalGeneration, FastVLMModel
@@ -23,15 +24,21 @@ __all__ = [
     "FastVLMConfig",
     "FastVLMForConditionalGeneration",
     "FastVLMImageProcessor",
+    "FastVLMLlavaQwen2Config",
     "FastVLMModel",
     "FastVLMProcessor",
 ]
 
-# `exist_ok=True` makes a second import (e.g. after `importlib.reload`) harmless; these names are ours alone.
+# `exist_ok=True` makes a second import (e.g. after `importlib.reload`) harmless. transformers defines none of these
+# model types: `fastvithd` and `fastvlm` are ours, `llava_qwen2` is the one Apple's remote code declares.
 AutoConfig.register(FastViTHDConfig.model_type, FastViTHDConfig, exist_ok=True)
 AutoConfig.register(FastVLMConfig.model_type, FastVLMConfig, exist_ok=True)
+# Apple's config.json reads into a FastVLMConfig, so the registrations below serve Apple's checkpoints too; a registered
+# model type also wins over the checkpoints' `auto_map` (their remote code) when `trust_remote_code` is not set.
+AutoConfig.register(FastVLMLlavaQwen2Config.model_type, FastVLMLlavaQwen2Config, exist_ok=True)
 AutoModel.register(FastViTHDConfig, FastViTHDModel, exist_ok=True)
 AutoModel.register(FastVLMConfig, FastVLMModel, exist_ok=True)
 AutoModelForImageTextToText.register(FastVLMConfig, FastVLMForConditionalGeneration, exist_ok=True)
+AutoModelForCausalLM.register(FastVLMConfig, FastVLMForConditionalGeneration, exist_ok=True)  # how Apple's cards load it
 AutoImageProcessor.register(FastVLMConfig, slow_image_processor_class=FastVLMImageProcessor, exist_ok=True)
 AutoProcessor.register(FastVLMConfig, FastVLMProcessor, exist_ok=True)

@@ -17,7 +17,14 @@ except ImportError:  # 4.x: `from_pretrained` only calls `_init_weights` on modu
 
 from transformers import PretrainedConfig  # 5.x keeps the 4.x name as an alias of `PreTrainedConfig`
 
-__all__ = ["IS_TRANSFORMERS_5", "PretrainedConfig", "is_first_generation_step", "tied_weights_keys", "weight_init"]
+__all__ = [
+    "IS_TRANSFORMERS_5",
+    "PretrainedConfig",
+    "is_first_generation_step",
+    "mismatched_key_names",
+    "tied_weights_keys",
+    "weight_init",
+]
 
 
 def tied_weights_keys(target_to_source: dict[str, str]) -> dict[str, str] | list[str]:
@@ -40,3 +47,9 @@ def is_first_generation_step(model_inputs: dict[str, Any], is_first_iteration: b
         return int(cache_position[0]) == 0
     past_key_values = model_inputs.get("past_key_values")
     return past_key_values is None or past_key_values.get_seq_length() == 0
+
+
+def mismatched_key_names(loading_info: dict[str, Any]) -> list[str]:
+    """Names of the weights `from_pretrained(output_loading_info=True)` found with the wrong shape: 5.x lists
+    `(name, checkpoint shape, model shape)` tuples, 4.x the names alone."""
+    return [entry if isinstance(entry, str) else entry[0] for entry in loading_info["mismatched_keys"]]

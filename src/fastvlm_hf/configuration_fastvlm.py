@@ -6,6 +6,7 @@ from typing import Any
 
 from transformers import AutoConfig, CONFIG_MAPPING
 
+from .checkpoints import APPLE, fastvlm_config_dict
 from .compat import PretrainedConfig
 from .configuration_fastvithd import FastViTHDConfig
 
@@ -97,3 +98,35 @@ class FastVLMConfig(PretrainedConfig):
     def num_image_tokens(self) -> int:
         """Tokens per image at the encoder's native `image_size`."""
         return (self.vision_config.image_size // self.vision_config.patch_size) ** 2
+
+    @classmethod
+    def get_config_dict(cls, pretrained_model_name_or_path, **kwargs) -> tuple[dict[str, Any], dict[str, Any]]:
+        """Reads `config.json` of any FastVLM layout: Apple's `llava_qwen2`, transformers' `fast_vlm` or ours."""
+        config_dict, kwargs = super().get_config_dict(pretrained_model_name_or_path, **kwargs)
+        return fastvlm_config_dict(config_dict), kwargs
+
+
+class FastVLMLlavaQwen2Config(FastVLMConfig):
+    r"""
+    Reader of Apple's `config.json` for FastVLM (`model_type: "llava_qwen2"`, as in `apple/FastVLM-0.5B`): the Qwen2
+    fields and LLaVA's `mm_*` fields side by side, the vision tower implied by its name (`mm_vision_tower:
+    "mobileclip_l_1024"` is FastViTHD at 1024 px; an explicit `vision_config` dict overrides it).
+
+    Building one gives a plain [`FastVLMConfig`]: `AutoConfig` reads Apple's checkpoints into the config that every
+    FastVLM Auto class is registered for, so they load without `trust_remote_code`, and a model loaded from them saves
+    as a `fastvlm` checkpoint.
+
+    Example:
+
+    ```python
+    >>> import fastvlm_hf
+    >>> from transformers import AutoConfig
+    >>> config = AutoConfig.from_pretrained("apple/FastVLM-0.5B")
+    >>> type(config).__name__, config.vision_config.image_size
+    ('FastVLMConfig', 1024)
+    ```"""
+
+    model_type = APPLE
+
+    def __new__(cls, **kwargs) -> FastVLMConfig:
+        return FastVLMConfig(**fastvlm_config_dict({**kwargs, "model_type": APPLE}))

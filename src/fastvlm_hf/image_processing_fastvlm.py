@@ -9,6 +9,8 @@ from transformers.image_utils import ChannelDimension, PILImageResampling
 from transformers.processing_utils import ImagesKwargs
 from transformers.utils import TensorType, is_torch_tensor
 
+from . import checkpoints
+
 IMAGE_MODES = ("pad", "crop")
 _NUM_CHANNELS = (1, 3, 4)
 
@@ -101,6 +103,18 @@ class FastVLMImageProcessor(BaseImageProcessor):
         self.image_std = _per_channel(image_std, "image_std")
         self.do_convert_rgb = do_convert_rgb
         _check_geometry(self.size, self.image_mode, self.patch_size)
+
+    @classmethod
+    def from_pretrained(cls, pretrained_model_name_or_path, **kwargs):
+        r"""
+        Also reads the checkpoints of Apple (`apple/FastVLM-0.5B`, ..., which ship no preprocessor config) and of
+        transformers' native `fast_vlm`: they get the preprocessing of Apple's reference, `image_mode="pad"`, at the
+        resolution of their vision tower.
+        """
+        config_dict = checkpoints.read_config_dict(pretrained_model_name_or_path, **kwargs)
+        if checkpoints.layout_of(config_dict) == checkpoints.FASTVLM:
+            return super().from_pretrained(pretrained_model_name_or_path, **kwargs)
+        return cls.from_dict(checkpoints.image_processor_dict(config_dict), **kwargs)
 
     def preprocess(
         self,

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import re
 from dataclasses import dataclass
 
 import torch
@@ -11,7 +12,8 @@ from transformers.activations import ACT2FN
 from transformers.cache_utils import Cache
 from transformers.modeling_outputs import BaseModelOutputWithPast, ModelOutput
 
-from .compat import is_first_generation_step, tied_weights_keys, weight_init
+from . import checkpoints
+from .compat import IS_TRANSFORMERS_5, is_first_generation_step, tied_weights_keys, weight_init
 from .configuration_fastvlm import FastVLMConfig
 from .modeling_fastvithd import FastViTHDModel
 
@@ -71,6 +73,39 @@ class FastVLMPreTrainedModel(PreTrainedModel):
     _supports_flash_attn = True
     _supports_flex_attn = True
     _supports_attention_backend = True
+    _keys_to_ignore_on_load_unexpected = [re.escape(key) for key in checkpoints.UNUSED_KEYS[checkpoints.APPLE]]
+
+    @classmethod
+    def from_pretrained(cls, pretrained_model_name_or_path, *model_args, **kwargs):
+        r"""
+        Loads any of the three FastVLM layouts: ours, Apple's (`model_type: "llava_qwen2"`, e.g. `apple/FastVLM-0.5B`)
+        and transformers' native one (`model_type: "fast_vlm"`). The weights of the last two are renamed while they
+        load (`checkpoints.key_mapping`), and they must then fill the model exactly: any missing, unexpected or
+        misshapen weight raises a `ValueError` that names it, instead of leaving randomly initialised weights behind.
+        """
+        if "key_mapping" in kwargs:  # the caller's own renaming
+            return super().from_pretrained(pretrained_model_name_or_path, *model_args, **kwargs)
+        key_mapping = checkpoints.key_mapping_for(pretrained_model_name_or_path, **kwargs)
+        if key_mapping is None:
+            return super().from_pretrained(pretrained_model_name_or_path, *model_args, **kwargs)
+        output_loading_info = kwargs.pop("output_loading_info", False)
+        # Misshapen weights are let through to be reported with the rest by `check_loading_info`.
+        kwargs.update(key_mapping=key_mapping, output_loading_info=True, ignore_mismatched_sizes=True)
+        model, loading_info = super().from_pretrained(pretrained_model_name_or_path, *model_args, **kwargs)
+        checkpoints.check_loading_info(model, loading_info, pretrained_model_name_or_path)
+        if model.config.tie_word_embeddings:
+            # Apple's checkpoints store the output embedding even when their config ties it; like Apple's loader, we
+            # tie it to the input embedding (transformers 5 keeps the stored copy when the two differ).
+            model.tie_weights()
+        if model.can_generate():
+            checkpoints.fill_generation_special_tokens(model.generation_config, model.config)
+        return (model, loading_info) if output_loading_info else model
+
+    def save_pretrained(self, save_directory, *args, **kwargs):
+        """Saves in this package's own layout, however the model was loaded (see `from_pretrained`)."""
+        if IS_TRANSFORMERS_5:  # 5.x would otherwise write the weights back under the names they were loaded from
+            kwargs.setdefault("save_original_format", False)
+        return super().save_pretrained(save_directory, *args, **kwargs)
 
     def _init_weights(self, module: nn.Module) -> None:
         # The vision tower and the language model are `PreTrainedModel`s that initialise themselves; what is left

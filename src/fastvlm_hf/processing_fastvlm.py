@@ -2,11 +2,14 @@
 
 from typing import Any
 
+from tokenizers import AddedToken
+from transformers import AutoTokenizer
 from transformers.feature_extraction_utils import BatchFeature
 from transformers.processing_utils import ProcessingKwargs, ProcessorMixin
 
+from . import checkpoints
 from .compat import IS_TRANSFORMERS_5
-from .image_processing_fastvlm import FastVLMImageProcessorKwargs, flatten_images
+from .image_processing_fastvlm import FastVLMImageProcessor, FastVLMImageProcessorKwargs, flatten_images
 
 # ChatML, as Apple's `qwen_2` conversation: a default system message when the conversation has none; in each message
 # the images first, as consecutive `<image>` placeholders, then a newline and the text parts, one per line.
@@ -87,6 +90,29 @@ class FastVLMProcessor(ProcessorMixin):
         if chat_template is None:
             chat_template = DEFAULT_CHAT_TEMPLATE
         super().__init__(image_processor, tokenizer, chat_template=chat_template, **kwargs)
+
+    @classmethod
+    def from_pretrained(cls, pretrained_model_name_or_path, **kwargs):
+        r"""
+        Also reads the checkpoints of Apple (`apple/FastVLM-0.5B`, ..., which ship no processor files and a tokenizer
+        without `<image>`) and of transformers' native `fast_vlm`: the image processor is Apple's reference
+        preprocessing at the vision tower's resolution (see [`FastVLMImageProcessor.from_pretrained`]); `<image>` is
+        added to the tokenizer as a special token where missing, and must get the id the model's config expects (the
+        model's embeddings have spare rows for it, nothing is resized); the chat template is ours unless the checkpoint
+        has a processor chat template (`chat_template.jinja`) of its own.
+        """
+        config_dict = checkpoints.read_config_dict(pretrained_model_name_or_path, **kwargs)
+        if checkpoints.layout_of(config_dict) == checkpoints.FASTVLM:
+            return super().from_pretrained(pretrained_model_name_or_path, **kwargs)
+        processor_dict, _ = cls.get_processor_dict(pretrained_model_name_or_path, **kwargs)
+        processor = cls(
+            image_processor=FastVLMImageProcessor.from_pretrained(pretrained_model_name_or_path, **kwargs),
+            tokenizer=AutoTokenizer.from_pretrained(pretrained_model_name_or_path, **kwargs),
+            chat_template=processor_dict.get("chat_template"),
+        )
+        image_token_id = checkpoints.fastvlm_config_dict(config_dict)["image_token_id"]
+        _add_image_token(processor.tokenizer, processor.image_token, image_token_id)
+        return processor
 
     @property
     def image_token_id(self) -> int:
@@ -194,6 +220,18 @@ class FastVLMProcessor(ProcessorMixin):
                     f"Truncation cut image tokens from text {index}: its images need {expected} image tokens but "
                     f"{kept} were kept. Use `max_length={needed}` or more, or `truncation=False`."
                 )
+
+
+def _add_image_token(tokenizer, image_token: str, image_token_id: int) -> None:
+    """Adds `image_token` to a tokenizer that lacks it, as a special token; checks it has the model's id."""
+    tokenizer.add_tokens([AddedToken(image_token, special=True, normalized=False)], special_tokens=True)
+    token_id = tokenizer.convert_tokens_to_ids(image_token)
+    if token_id != image_token_id:
+        raise ValueError(
+            f"The tokenizer gives {image_token!r} the id {token_id} but the model expects {image_token_id} "
+            f"(`image_token_index` in config.json, 151646 when absent): set `image_token_index` to {token_id}, or "
+            f"use a tokenizer whose first free id is {image_token_id}."
+        )
 
 
 def _count(number: int, noun: str) -> str:
