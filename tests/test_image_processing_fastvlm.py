@@ -213,10 +213,26 @@ def test_unknown_image_mode_is_rejected():
         FastVLMImageProcessor(image_mode="stretch")
 
 
+def test_file_paths_are_read(pad_processor, tmp_path):
+    image = random_rgb(40, 30)
+    image.save(tmp_path / "picture.png")
+    from_path = pad_processor(str(tmp_path / "picture.png"), return_tensors="np")["pixel_values"]
+    from_pathlib = pad_processor(tmp_path / "picture.png", return_tensors="np")["pixel_values"]
+    assert np.array_equal(from_path, pad_processor(image, return_tensors="np")["pixel_values"])
+    assert np.array_equal(from_pathlib, from_path)
+
+
+def test_unreadable_files_name_the_file(pad_processor, tmp_path):
+    (tmp_path / "broken.png").write_bytes(b"\x89PNG not really")
+    with pytest.raises(ValueError, match="Cannot read the image .*broken.png"):
+        pad_processor(str(tmp_path / "broken.png"))
+    with pytest.raises(ValueError, match="Cannot read the image .*missing.png"):
+        pad_processor(str(tmp_path / "missing.png"))
+
+
 @pytest.mark.parametrize(
     "bad, type_name",
     [
-        ("cat.jpg", "str"),
         (None, "NoneType"),
         (b"\x89PNG", "bytes"),
         ({"image": 1}, "dict"),

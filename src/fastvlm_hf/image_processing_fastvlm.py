@@ -1,11 +1,12 @@
 """Image processor for FastVLM: PIL and NumPy only, no torchvision."""
 
+import os
 from typing import Any
 
 import numpy as np
 from PIL import Image
 from transformers.image_processing_utils import BaseImageProcessor, BatchFeature
-from transformers.image_utils import ChannelDimension, PILImageResampling
+from transformers.image_utils import ChannelDimension, PILImageResampling, load_image
 from transformers.processing_utils import ImagesKwargs
 from transformers.utils import TensorType, is_torch_tensor
 
@@ -231,16 +232,17 @@ def _check_geometry(size: dict[str, int], image_mode: str, patch_size: int) -> N
 
 
 def _to_pil_image(image: Any, input_data_format: ChannelDimension | str | None) -> Image.Image:
-    """A PIL image from a PIL image, or from an integer [0, 255] or float [0, 1] array or tensor."""
+    """A PIL image from a PIL image, a file path or URL, or an integer [0, 255] or float [0, 1] array or tensor."""
     if isinstance(image, Image.Image):
         return image
+    if isinstance(image, (str, os.PathLike)):
+        return _load_image(os.fspath(image))
     if is_torch_tensor(image):
         image = image.detach().cpu()
         image = (image.float() if image.is_floating_point() else image).numpy()
     if not isinstance(image, np.ndarray):
         raise TypeError(
-            f"Expected a PIL image, a NumPy array or a torch tensor, got {type(image).__name__}. Load files and URLs "
-            f"first, e.g. with `PIL.Image.open(path)` or `transformers.image_utils.load_image(url)`."
+            f"Expected a PIL image, a file path or URL, a NumPy array or a torch tensor, got {type(image).__name__}."
         )
 
     if image.ndim == 3:
@@ -275,6 +277,16 @@ def _to_pil_image(image: Any, input_data_format: ChannelDimension | str | None) 
             f"Integer images must hold values in [0, 255], got values in [{image.min()}, {image.max()}]."
         )
     return Image.fromarray(image.astype(np.uint8))
+
+
+def _load_image(path_or_url: str) -> Image.Image:
+    """Reads and decodes an image file or URL now, so that a bad file fails here with its name."""
+    try:
+        image = load_image(path_or_url)
+        image.load()
+    except (OSError, ValueError) as error:
+        raise ValueError(f"Cannot read the image {path_or_url!r}: {error}") from error
+    return image
 
 
 def _to_rgb(image: Image.Image, do_convert_rgb: bool) -> Image.Image:
