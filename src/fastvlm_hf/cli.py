@@ -6,6 +6,11 @@ Subcommands:
     Describe one image: load a FastVLM checkpoint through transformers' Auto classes, run one chat
     turn and stream the answer to stdout.
 
+``convert``
+    Rewrite a checkpoint of any FastVLM layout (Apple's, this package's, transformers' native) into this
+    package's layout or transformers' native one, with a model card; optionally verify and push it to the
+    Hub (see ``fastvlm_hf.conversion``).
+
 Only generated text goes to stdout; status lines, warnings and errors go to stderr, so the output
 can be piped. Errors a user can fix (a missing or unreadable image, a model that cannot be found)
 print one line and exit with code 1; ``--debug`` shows the full traceback instead.
@@ -152,6 +157,32 @@ def run_predict(args: argparse.Namespace) -> int:
 
 
 # --------------------------------------------------------------------------------------------------
+# convert
+
+
+def run_convert(args: argparse.Namespace) -> int:
+    """Convert, then verify, then push: each step only once the one before it succeeded."""
+    from . import conversion
+
+    try:
+        conversion.convert(args.source, args.output, to=args.to, dtype=args.dtype,
+                           max_shard_size=args.max_shard_size, repo_id=args.push_to_hub)  # fmt: skip
+        _status(f"Wrote {args.output} ({args.to} layout).")
+        if args.verify:
+            _status(f"Verified: float32 logits agree to {conversion.verify(args.source, args.output):.3g}.")
+    except conversion.ConversionError as error:
+        raise CLIError(str(error)) from error
+    except (OSError, ValueError) as error:  # a source that cannot be found or does not fit FastVLM
+        raise CLIError(f"cannot convert {args.source!r}: {_first_line(error)}") from error
+    if args.push_to_hub:
+        try:
+            _status(f"Pushed to {conversion.push_to_hub(args.output, args.push_to_hub)}.")
+        except OSError as error:  # the Hub's HTTP errors, a missing token
+            raise CLIError(f"cannot push {args.output} to {args.push_to_hub!r}: {_first_line(error)}") from error
+    return 0
+
+
+# --------------------------------------------------------------------------------------------------
 # Argument parsing and entry point
 
 
@@ -207,6 +238,41 @@ def build_parser() -> argparse.ArgumentParser:
         help="auto: bfloat16 on cuda and cpu, float16 on mps (default: auto)",
     )
     predict.set_defaults(handler=run_predict)
+
+    convert = commands.add_parser(
+        "convert",
+        parents=[common],
+        help="convert a checkpoint between FastVLM layouts",
+        description="Rewrite a FastVLM checkpoint (Apple's, this package's or transformers' native layout) into "
+        "this package's layout or transformers' native one, with sharded safetensors and a model card (README.md).",
+    )
+    convert.add_argument("source", help="Hub repo id or local folder, in any FastVLM layout")
+    convert.add_argument("output", help="folder to write")
+    convert.add_argument(
+        "--to",
+        choices=["fastvlm", "transformers"],
+        default="fastvlm",
+        help="fastvlm: this package's layout; transformers: transformers' native fast_vlm (needs transformers 5) "
+        "(default: fastvlm)",
+    )
+    convert.add_argument(
+        "--dtype",
+        choices=["auto", "bfloat16", "float16", "float32"],
+        default="auto",
+        help="dtype of the written weights; auto keeps the source's (default: auto)",
+    )
+    convert.add_argument("--max-shard-size", default="5GB", metavar="SIZE", help="largest weights file (default: 5GB)")
+    convert.add_argument(
+        "--verify",
+        action="store_true",
+        help="reload the result and fail unless its float32 logits match the source's",
+    )
+    convert.add_argument(
+        "--push-to-hub",
+        metavar="REPO",
+        help="upload the result to this Hub model repo, created if missing (needs a write token)",
+    )
+    convert.set_defaults(handler=run_convert)
     return parser
 
 

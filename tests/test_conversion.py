@@ -1,0 +1,245 @@
+"""`fastvlm_hf.conversion` and `fastvlm-hf convert`: Apple's and transformers' layouts to ours and back, dtypes,
+--verify, the model card, --push-to-hub, safe reading of `.bin` weights."""
+
+import json
+import os
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+import torch
+import transformers
+from checkpoint_helpers import (
+    IMAGE_SIDE,
+    NATIVE_VISION_CONFIG,
+    QWEN2_SPECIAL_TOKENS,
+    apple_state_dict,
+    assert_same_logits,
+    build_reference_model,
+    write_apple_checkpoint,
+)
+from conftest import build_tiny_tokenizer
+from safetensors import safe_open
+from huggingface_hub import ModelCard
+from transformers import AutoConfig, AutoModelForImageTextToText, AutoProcessor, LlavaProcessor
+
+from fastvlm_hf import FastVLMConfig, FastVLMForConditionalGeneration, FastVLMProcessor, conversion
+from fastvlm_hf.cli import main
+
+_SCRIPT = Path(__file__).parents[1] / "conversion" / "convert_checkpoint.py"
+
+needs_native_fast_vlm = pytest.mark.skipif(
+    not hasattr(transformers, "FastVlmConfig"), reason=f"transformers {transformers.__version__} has no fast_vlm"
+)
+
+
+@pytest.fixture(scope="module")
+def apple_tokenizer():
+    return build_tiny_tokenizer(special_tokens=QWEN2_SPECIAL_TOKENS)
+
+
+@pytest.fixture(scope="module")
+def reference_model(apple_tokenizer):
+    return build_reference_model(apple_tokenizer)
+
+
+@pytest.fixture(scope="module")
+def apple_dir(tmp_path_factory, reference_model, apple_tokenizer):
+    return write_apple_checkpoint(tmp_path_factory.mktemp("apple"), reference_model, apple_tokenizer)
+
+
+def safetensors_keys_and_dtypes(directory):
+    found = {}
+    for path in Path(directory).glob("*.safetensors"):
+        with safe_open(path, "pt") as weights:
+            found.update({key: weights.get_slice(key).get_dtype() for key in weights.keys()})
+    return found
+
+
+@pytest.fixture(scope="module")
+def converted_dir(tmp_path_factory, apple_dir):
+    output = tmp_path_factory.mktemp("converted")
+    conversion.convert(str(apple_dir), output, max_shard_size="100KB")
+    return output
+
+
+def test_apple_checkpoint_converts_to_our_layout(converted_dir, reference_model, apple_tokenizer):
+    assert json.loads((converted_dir / "config.json").read_text())["model_type"] == "fastvlm"
+    weights = safetensors_keys_and_dtypes(converted_dir)
+    assert set(weights) == set(reference_model.state_dict()) - {"lm_head.weight"}  # tied: not stored
+    assert len(list(converted_dir.glob("model-*.safetensors"))) > 1  # sharded
+    assert (converted_dir / "model.safetensors.index.json").exists()
+    assert weights["model.multi_modal_projector.linear_1.weight"] == "BF16"  # the source's dtype
+
+    assert_same_logits(AutoModelForImageTextToText.from_pretrained(converted_dir, dtype=torch.float32), reference_model)
+    generation_config = json.loads((converted_dir / "generation_config.json").read_text())
+    assert generation_config["eos_token_id"] == apple_tokenizer.convert_tokens_to_ids("<|im_end|>")
+    assert generation_config.get("do_sample", False) is False
+
+    assert (converted_dir / "chat_template.jinja").exists() and (converted_dir / "processor_config.json").exists()
+    processor = AutoProcessor.from_pretrained(converted_dir)
+    assert type(processor) is FastVLMProcessor
+    assert processor.image_token_id == reference_model.config.image_token_id
+    assert (processor.image_processor.image_mode, processor.image_processor.size["height"]) == ("pad", IMAGE_SIDE)
+
+
+def test_verify_passes_on_a_faithful_conversion(apple_dir, converted_dir):
+    assert conversion.verify(str(apple_dir), converted_dir) <= conversion.VERIFY_TOLERANCE
+
+
+def test_verify_fails_on_a_lossy_dtype(tmp_path, apple_dir, apple_tokenizer):
+    source = tmp_path / "float32"
+    model = build_reference_model(apple_tokenizer)
+    with torch.no_grad():  # values that bfloat16 cannot hold
+        model.model.multi_modal_projector.linear_2.weight.normal_()
+    model.save_pretrained(source)
+    FastVLMProcessor.from_pretrained(apple_dir).save_pretrained(source)
+    output = tmp_path / "bfloat16"
+    conversion.convert(str(source), output, dtype="bfloat16")
+    assert set(safetensors_keys_and_dtypes(output).values()) == {"BF16", "I64"}  # BatchNorm counters stay integers
+    with pytest.raises(RuntimeError, match="differ .* by up to"):
+        conversion.verify(str(source), output)
+
+
+def test_dtype_option_sets_the_weights_dtype(tmp_path, apple_dir):
+    assert main(["convert", str(apple_dir), str(tmp_path), "--dtype", "float32", "--verify"]) == 0
+    assert safetensors_keys_and_dtypes(tmp_path)["model.language_model.norm.weight"] == "F32"
+    assert FastVLMConfig.from_pretrained(tmp_path).dtype == torch.float32
+
+
+@needs_native_fast_vlm
+def test_to_transformers_writes_the_native_layout_and_back(tmp_path, apple_tokenizer, capsys):
+    reference_model = build_reference_model(apple_tokenizer, vision_config=NATIVE_VISION_CONFIG)  # timm's head dim
+    apple_dir = write_apple_checkpoint(tmp_path / "apple", reference_model, apple_tokenizer)
+    native = tmp_path / "native"
+    assert main(["convert", str(apple_dir), str(native), "--to", "transformers", "--verify"]) == 0
+    assert "Verified" in capsys.readouterr().err
+
+    config = AutoConfig.from_pretrained(native)
+    assert type(config) is transformers.FastVlmConfig  # transformers' own class reads it
+    assert config.vision_config.architecture == "fastvit_mci3"
+    assert config.image_token_id == reference_model.config.image_token_id
+    weights = safetensors_keys_and_dtypes(native)
+    assert "model.vision_tower.timm_model.stages.4.blocks.0.token_mixer.qkv.weight" in weights
+    assert not any(key.startswith("model.vision_tower.stages") for key in weights)
+    processor = AutoProcessor.from_pretrained(native)
+    assert type(processor) is LlavaProcessor and processor.patch_size == 64
+    side = reference_model.config.vision_config.image_size
+    assert processor.image_processor.crop_size == {"height": side, "width": side}
+
+    assert_same_logits(FastVLMForConditionalGeneration.from_pretrained(native, dtype=torch.float32), reference_model)
+    ours = tmp_path / "ours"
+    assert main(["convert", str(native), str(ours), "--verify"]) == 0
+    assert_same_logits(FastVLMForConditionalGeneration.from_pretrained(ours, dtype=torch.float32), reference_model)
+
+
+def test_the_converter_writes_a_model_card_and_reports_progress(converted_dir, tmp_path, apple_dir, capsys):
+    card = ModelCard.load(converted_dir / "README.md")
+    assert (card.data.license, card.data.pipeline_tag, card.data.library_name) == (
+        "apple-amlr", "image-text-to-text", "transformers",
+    )  # fmt: skip
+    assert f'from_pretrained("{converted_dir.name}"' in card.text  # the folder's name stands for the repo id
+
+    assert main(["convert", str(apple_dir), str(tmp_path / "out")]) == 0
+    assert "Writing weights" in capsys.readouterr().err  # the progress bar, on stderr
+
+
+def test_push_to_hub_uploads_the_converted_folder(tmp_path, apple_dir, monkeypatch, capsys):
+    calls = []
+
+    class RecordingHfApi:  # stands in for the Hub: tests never reach the network
+        def create_repo(self, repo_id, **kwargs):
+            calls.append(("create_repo", repo_id, kwargs))
+            return f"https://huggingface.co/{repo_id}"
+
+        def upload_folder(self, **kwargs):
+            calls.append(("upload_folder", kwargs["repo_id"], kwargs))
+
+    monkeypatch.setattr(conversion, "HfApi", RecordingHfApi)
+    output = tmp_path / "out"
+    assert main(["convert", str(apple_dir), str(output), "--push-to-hub", "someone/FastVLM-tiny"]) == 0
+    assert [(name, repo_id) for name, repo_id, _ in calls] == [
+        ("create_repo", "someone/FastVLM-tiny"), ("upload_folder", "someone/FastVLM-tiny"),
+    ]  # fmt: skip
+    assert calls[0][2].get("exist_ok") is True
+    assert Path(calls[1][2]["folder_path"]) == output
+    assert 'from_pretrained("someone/FastVLM-tiny"' in (output / "README.md").read_text()  # the card names the repo
+    assert "Pushed to https://huggingface.co/someone/FastVLM-tiny" in capsys.readouterr().err
+
+
+def test_push_to_hub_waits_for_a_passing_verify(tmp_path, apple_dir, apple_tokenizer, monkeypatch, capsys):
+    source = tmp_path / "float32"
+    model = build_reference_model(apple_tokenizer)
+    with torch.no_grad():  # values that bfloat16 cannot hold
+        model.model.multi_modal_projector.linear_2.weight.normal_()
+    model.save_pretrained(source)
+    FastVLMProcessor.from_pretrained(apple_dir).save_pretrained(source)
+    monkeypatch.setattr(conversion, "push_to_hub", lambda *args: pytest.fail("pushed an unverified conversion"))
+    argv = ["convert", str(source), str(tmp_path / "out"), "--dtype", "bfloat16", "--verify", "--push-to-hub", "a/b"]
+    assert main(argv) == 1
+    assert "differ" in capsys.readouterr().err
+
+
+def _write_bin_checkpoint(directory, reference_model, apple_tokenizer, extra=None):
+    """Apple's layout with its weights in a pickled `pytorch_model.bin` instead of safetensors."""
+    write_apple_checkpoint(directory, reference_model, apple_tokenizer)
+    state_dict = apple_state_dict(reference_model)
+    state_dict.update(extra or {})
+    (directory / "model.safetensors").unlink()
+    torch.save(state_dict, directory / "pytorch_model.bin")
+    return directory
+
+
+def test_a_bin_checkpoint_of_tensors_converts_to_safetensors(tmp_path, reference_model, apple_tokenizer):
+    source = _write_bin_checkpoint(tmp_path / "bin", reference_model, apple_tokenizer)
+    output = tmp_path / "out"
+    conversion.convert(str(source), output)
+    assert list(output.glob("*.bin")) == [] and (output / "model.safetensors").exists()
+    assert_same_logits(FastVLMForConditionalGeneration.from_pretrained(output, dtype=torch.float32), reference_model)
+
+
+class _MakesADirectory:
+    """Unpickling this runs `os.mkdir`: what a malicious checkpoint would do."""
+
+    def __init__(self, path):
+        self.path = path
+
+    def __reduce__(self):
+        return (os.mkdir, (str(self.path),))
+
+
+def test_a_bin_checkpoint_with_pickled_code_is_refused(tmp_path, reference_model, apple_tokenizer, capsys):
+    marker = tmp_path / "code-ran"
+    payload = {"payload": _MakesADirectory(marker)}
+    source = _write_bin_checkpoint(tmp_path / "bin", reference_model, apple_tokenizer, payload)
+    with pytest.raises(conversion.ConversionError, match="Refusing to read the weights .* pickled Python objects"):
+        conversion.convert(str(source), tmp_path / "out")
+    assert not marker.exists()
+
+    assert main(["convert", str(source), str(tmp_path / "out")]) == 1  # the command: one line, no traceback
+    error = capsys.readouterr().err
+    assert "Refusing to read" in error and "Traceback" not in error
+    assert not marker.exists()
+
+
+def test_convert_reports_a_missing_source_in_one_line(tmp_path, capsys):
+    assert main(["convert", str(tmp_path / "missing"), str(tmp_path / "out")]) == 1
+    error = capsys.readouterr().err
+    assert error.startswith("fastvlm-hf: error: cannot convert") and error.count("\n") == 1
+
+
+@pytest.mark.skipif(hasattr(transformers, "FastVlmConfig"), reason="transformers 5 has a native fast_vlm")
+def test_to_transformers_on_4x_says_it_needs_transformers_5(tmp_path, apple_dir, capsys):
+    assert main(["convert", str(apple_dir), str(tmp_path / "out"), "--to", "transformers"]) == 1
+    assert "needs transformers 5" in capsys.readouterr().err
+    assert not (tmp_path / "out").exists()  # refused before loading anything
+
+
+def test_the_conversion_script_runs_the_convert_command(tmp_path, apple_dir):
+    result = subprocess.run(
+        [sys.executable, str(_SCRIPT), str(apple_dir), str(tmp_path / "out"), "--max-shard-size", "100KB"],
+        capture_output=True, text=True, timeout=300, env={**os.environ, "HF_HUB_OFFLINE": "1"},
+    )
+    assert result.returncode == 0, result.stderr
+    assert (tmp_path / "out" / "model.safetensors.index.json").exists() and (tmp_path / "out" / "README.md").exists()
