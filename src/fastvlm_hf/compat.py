@@ -18,13 +18,31 @@ except ImportError:  # 4.x: `from_pretrained` only calls `_init_weights` on modu
 from transformers import PretrainedConfig  # 5.x keeps the 4.x name as an alias of `PreTrainedConfig`
 
 __all__ = [
+    "HAS_NATIVE_FAST_VLM",
     "IS_TRANSFORMERS_5",
+    "PROCESSOR_CLASS_ATTRIBUTES",
     "PretrainedConfig",
     "is_first_generation_step",
     "mismatched_key_names",
+    "own_layout_save_kwargs",
     "tied_weights_keys",
     "weight_init",
 ]
+
+# 5.0 and later ship transformers' own `fast_vlm` (`FastVlmConfig`, `FastVlmForConditionalGeneration`).
+HAS_NATIVE_FAST_VLM = hasattr(transformers, "FastVlmConfig")
+
+# 4.x finds a processor's parts through these class attributes; 5.x infers them from `__init__`'s parameters and
+# warns that the attributes are deprecated.
+PROCESSOR_CLASS_ATTRIBUTES: dict[str, Any] = (
+    {}
+    if IS_TRANSFORMERS_5
+    else {
+        "attributes": ["image_processor", "tokenizer"],
+        "image_processor_class": "AutoImageProcessor",
+        "tokenizer_class": "AutoTokenizer",
+    }
+)
 
 
 def tied_weights_keys(target_to_source: dict[str, str]) -> dict[str, str] | list[str]:
@@ -53,3 +71,11 @@ def mismatched_key_names(loading_info: dict[str, Any]) -> list[str]:
     """Names of the weights `from_pretrained(output_loading_info=True)` found with the wrong shape: 5.x lists
     `(name, checkpoint shape, model shape)` tuples, 4.x the names alone."""
     return [entry if isinstance(entry, str) else entry[0] for entry in loading_info["mismatched_keys"]]
+
+
+def own_layout_save_kwargs(kwargs: dict[str, Any]) -> dict[str, Any]:
+    """`save_pretrained` kwargs that write the model's own key names: 5.x would otherwise write weights back under
+    the names a `key_mapping` renamed them from when they loaded; 4.x always writes its own names."""
+    if IS_TRANSFORMERS_5:
+        kwargs.setdefault("save_original_format", False)
+    return kwargs

@@ -38,6 +38,7 @@ from safetensors.torch import save_file
 from transformers import CLIPImageProcessor, GenerationConfig, LlavaProcessor
 
 from . import checkpoints, model_card
+from .compat import HAS_NATIVE_FAST_VLM
 from .modeling_fastvlm import FastVLMForConditionalGeneration
 from .processing_fastvlm import FastVLMProcessor
 
@@ -65,7 +66,7 @@ def convert(
         raise ConversionError(f"Unknown target layout {to!r}: choose one of {', '.join(TARGETS)}.")
     if dtype not in DTYPES:
         raise ConversionError(f"Unknown dtype {dtype!r}: choose one of {', '.join(DTYPES)}.")
-    if to == "transformers" and not hasattr(transformers, "FastVlmConfig"):
+    if to == "transformers" and not HAS_NATIVE_FAST_VLM:
         raise ConversionError(
             f"--to transformers needs transformers 5.x, which has a native fast_vlm; this is {transformers.__version__}."
         )

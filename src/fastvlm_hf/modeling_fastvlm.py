@@ -13,7 +13,7 @@ from transformers.cache_utils import Cache
 from transformers.modeling_outputs import BaseModelOutputWithPast, ModelOutput
 
 from . import checkpoints
-from .compat import IS_TRANSFORMERS_5, is_first_generation_step, tied_weights_keys, weight_init
+from .compat import is_first_generation_step, own_layout_save_kwargs, tied_weights_keys, weight_init
 from .configuration_fastvlm import FastVLMConfig
 from .modeling_fastvithd import FastViTHDModel
 
@@ -103,9 +103,7 @@ class FastVLMPreTrainedModel(PreTrainedModel):
 
     def save_pretrained(self, save_directory, *args, **kwargs):
         """Saves in this package's own layout, however the model was loaded (see `from_pretrained`)."""
-        if IS_TRANSFORMERS_5:  # 5.x would otherwise write the weights back under the names they were loaded from
-            kwargs.setdefault("save_original_format", False)
-        return super().save_pretrained(save_directory, *args, **kwargs)
+        return super().save_pretrained(save_directory, *args, **own_layout_save_kwargs(kwargs))
 
     def _init_weights(self, module: nn.Module) -> None:
         # The vision tower and the language model are `PreTrainedModel`s that initialise themselves; what is left

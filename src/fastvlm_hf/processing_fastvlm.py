@@ -8,7 +8,7 @@ from transformers.feature_extraction_utils import BatchFeature
 from transformers.processing_utils import ProcessingKwargs, ProcessorMixin
 
 from . import checkpoints
-from .compat import IS_TRANSFORMERS_5
+from .compat import PROCESSOR_CLASS_ATTRIBUTES
 from .image_processing_fastvlm import FastVLMImageProcessor, FastVLMImageProcessorKwargs, flatten_images
 
 # ChatML, as Apple's `qwen_2` conversation: a default system message when the conversation has none; in each message
@@ -76,11 +76,6 @@ class FastVLMProcessor(ProcessorMixin):
     (256, torch.Size([1, 3, 1024, 1024]))
     ```
     """
-
-    if not IS_TRANSFORMERS_5:  # 5.x infers the sub-processors from `__init__` and calls these attributes deprecated
-        attributes = ["image_processor", "tokenizer"]
-        image_processor_class = "AutoImageProcessor"
-        tokenizer_class = "AutoTokenizer"
 
     valid_processor_kwargs = FastVLMProcessorKwargs
     model_input_names = ["input_ids", "attention_mask", "pixel_values"]
@@ -232,6 +227,11 @@ def _add_image_token(tokenizer, image_token: str, image_token_id: int) -> None:
             f"(`image_token_index` in config.json, 151646 when absent): set `image_token_index` to {token_id}, or "
             f"use a tokenizer whose first free id is {image_token_id}."
         )
+
+
+# transformers 4.x finds the processor's parts through class attributes (empty on 5.x; see compat).
+for _name, _value in PROCESSOR_CLASS_ATTRIBUTES.items():
+    setattr(FastVLMProcessor, _name, _value)
 
 
 def _count(number: int, noun: str) -> str:
