@@ -1,8 +1,20 @@
 """Shared offline fixtures: a tiny byte-level BPE tokenizer trained in-process."""
 
-import pytest
-from tokenizers import Tokenizer, decoders, models, pre_tokenizers, trainers
-from transformers import PreTrainedTokenizerFast
+import importlib.util
+import os
+
+# First of all, before anything imports torchvision: let PyPI's CUDA torchvision (pulled by the test extra's timm)
+# import on the CPU torch wheel, here and in the tests' subprocesses. See torchvision_shim/sitecustomize.py.
+_SHIM_DIR = os.path.join(os.path.dirname(__file__), "torchvision_shim")
+_shim_spec = importlib.util.spec_from_file_location("_torchvision_shim", os.path.join(_SHIM_DIR, "sitecustomize.py"))
+_torchvision_shim = importlib.util.module_from_spec(_shim_spec)
+_shim_spec.loader.exec_module(_torchvision_shim)
+if _torchvision_shim.APPLIED:
+    os.environ["PYTHONPATH"] = os.pathsep.join(filter(None, [_SHIM_DIR, os.environ.get("PYTHONPATH")]))
+
+import pytest  # noqa: E402
+from tokenizers import Tokenizer, decoders, models, pre_tokenizers, trainers  # noqa: E402
+from transformers import PreTrainedTokenizerFast  # noqa: E402
 
 SPECIAL_TOKENS = ["<|endoftext|>", "<|im_start|>", "<|im_end|>", "<image>"]
 

@@ -1,0 +1,27 @@
+"""Lets PyPI's torchvision import on the CPU torch wheel, for the tests (never part of the package).
+
+The test extra's timm pulls torchvision 0.28.0 from PyPI, a CUDA build: its `_C` cannot load on torch's CPU wheel,
+and the import then fails (`operator torchvision::nms does not exist`), breaking timm and transformers' image code.
+Defining in Python the two op schemas that `_C` would register lets it import; its C++ ops stay unusable, and nothing
+here needs them (`research/environment.md` §2). Does nothing without torchvision, or with one whose `_C` loads.
+
+`tests/conftest.py` runs this before anything imports torchvision and, where it applied, puts this folder on the
+`PYTHONPATH` of the tests' subprocesses, where Python runs it at start-up as `sitecustomize`.
+"""
+
+import glob
+import importlib.util
+import os
+
+APPLIED = False
+_spec = importlib.util.find_spec("torchvision")
+if _spec is not None and _spec.submodule_search_locations:
+    import torch
+
+    try:
+        torch.ops.load_library(glob.glob(os.path.join(list(_spec.submodule_search_locations)[0], "_C*.so"))[0])
+    except (OSError, IndexError):
+        _library = torch.library.Library("torchvision", "DEF")  # the schemas live as long as this object
+        _library.define("nms(Tensor dets, Tensor scores, float iou_threshold) -> Tensor")
+        _library.define("qnms(Tensor dets, Tensor scores, float iou_threshold) -> Tensor")
+        APPLIED = True
