@@ -131,3 +131,25 @@ def tiny_checkpoint_dir(tiny_model, tiny_processor, tmp_path_factory):
     tiny_model.save_pretrained(path)
     tiny_processor.save_pretrained(path)
     return path
+
+
+# A random checkpoint in Apple's Hub layout (see checkpoint_helpers.py), shared by the checkpoint and conversion tests.
+@pytest.fixture(scope="module")
+def apple_tokenizer():
+    from checkpoint_helpers import QWEN2_SPECIAL_TOKENS
+
+    return build_tiny_tokenizer(special_tokens=QWEN2_SPECIAL_TOKENS)
+
+
+@pytest.fixture(scope="module")
+def reference_model(apple_tokenizer):
+    from checkpoint_helpers import build_reference_model
+
+    return build_reference_model(apple_tokenizer)
+
+
+@pytest.fixture(scope="module")
+def apple_dir(tmp_path_factory, reference_model, apple_tokenizer):
+    from checkpoint_helpers import write_apple_checkpoint
+
+    return write_apple_checkpoint(tmp_path_factory.mktemp("apple") / "FastVLM-tiny", reference_model, apple_tokenizer)

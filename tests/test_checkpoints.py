@@ -10,7 +10,6 @@ from checkpoint_helpers import (
     CHATML_TEMPLATE,
     IMAGE_SIDE,
     NATIVE_VISION_CONFIG,
-    QWEN2_SPECIAL_TOKENS,
     apple_config_json,
     apple_state_dict,
     architecture,
@@ -20,7 +19,6 @@ from checkpoint_helpers import (
     write_apple_checkpoint,
     write_native_checkpoint,
 )
-from conftest import build_tiny_tokenizer
 from PIL import Image
 from safetensors import safe_open
 from transformers import (
@@ -41,21 +39,6 @@ from fastvlm_hf import (
     checkpoints,
 )
 from fastvlm_hf.processing_fastvlm import DEFAULT_CHAT_TEMPLATE
-
-
-@pytest.fixture(scope="module")
-def apple_tokenizer():
-    return build_tiny_tokenizer(special_tokens=QWEN2_SPECIAL_TOKENS)
-
-
-@pytest.fixture(scope="module")
-def reference_model(apple_tokenizer):
-    return build_reference_model(apple_tokenizer)
-
-
-@pytest.fixture(scope="module")
-def apple_dir(tmp_path_factory, reference_model, apple_tokenizer):
-    return write_apple_checkpoint(tmp_path_factory.mktemp("apple") / "FastVLM-tiny", reference_model, apple_tokenizer)
 
 
 # ----------------------------------------------------------------------------------------------------------------------

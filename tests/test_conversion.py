@@ -13,13 +13,11 @@ import transformers
 from checkpoint_helpers import (
     IMAGE_SIDE,
     NATIVE_VISION_CONFIG,
-    QWEN2_SPECIAL_TOKENS,
     apple_state_dict,
     assert_same_logits,
     build_reference_model,
     write_apple_checkpoint,
 )
-from conftest import build_tiny_tokenizer
 from safetensors import safe_open
 from huggingface_hub import ModelCard
 from transformers import AutoConfig, AutoModelForImageTextToText, AutoProcessor, LlavaProcessor
@@ -32,21 +30,6 @@ _SCRIPT = Path(__file__).parents[1] / "conversion" / "convert_checkpoint.py"
 needs_native_fast_vlm = pytest.mark.skipif(
     not hasattr(transformers, "FastVlmConfig"), reason=f"transformers {transformers.__version__} has no fast_vlm"
 )
-
-
-@pytest.fixture(scope="module")
-def apple_tokenizer():
-    return build_tiny_tokenizer(special_tokens=QWEN2_SPECIAL_TOKENS)
-
-
-@pytest.fixture(scope="module")
-def reference_model(apple_tokenizer):
-    return build_reference_model(apple_tokenizer)
-
-
-@pytest.fixture(scope="module")
-def apple_dir(tmp_path_factory, reference_model, apple_tokenizer):
-    return write_apple_checkpoint(tmp_path_factory.mktemp("apple"), reference_model, apple_tokenizer)
 
 
 def safetensors_keys_and_dtypes(directory):

@@ -4,7 +4,7 @@ import math
 
 import pytest
 import torch
-from conftest import TINY_VISION_CONFIG, randomize_non_parameter_state, tiny_text_config
+from conftest import TINY_VISION_CONFIG, tiny_text_config
 from transformers import AutoConfig, AutoModel, AutoModelForImageTextToText, Qwen2Model
 
 from fastvlm_hf import FastVLMConfig, FastVLMForConditionalGeneration, FastVLMModel
