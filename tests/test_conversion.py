@@ -71,13 +71,17 @@ def test_verify_passes_on_a_faithful_conversion(apple_dir, converted_dir):
     assert conversion.verify(str(apple_dir), converted_dir) <= conversion.VERIFY_TOLERANCE
 
 
-def test_verify_fails_on_a_lossy_dtype(tmp_path, apple_dir, apple_tokenizer):
-    source = tmp_path / "float32"
+def _write_float32_checkpoint_that_bfloat16_cannot_hold(directory, apple_dir, apple_tokenizer):
     model = build_reference_model(apple_tokenizer)
-    with torch.no_grad():  # values that bfloat16 cannot hold
+    with torch.no_grad():
         model.model.multi_modal_projector.linear_2.weight.normal_()
-    model.save_pretrained(source)
-    FastVLMProcessor.from_pretrained(apple_dir).save_pretrained(source)
+    model.save_pretrained(directory)
+    FastVLMProcessor.from_pretrained(apple_dir).save_pretrained(directory)
+    return directory
+
+
+def test_verify_fails_on_a_lossy_dtype(tmp_path, apple_dir, apple_tokenizer):
+    source = _write_float32_checkpoint_that_bfloat16_cannot_hold(tmp_path / "float32", apple_dir, apple_tokenizer)
     output = tmp_path / "bfloat16"
     conversion.convert(str(source), output, dtype="bfloat16")
     assert set(safetensors_keys_and_dtypes(output).values()) == {"BF16", "I64"}  # BatchNorm counters stay integers
@@ -152,12 +156,7 @@ def test_push_to_hub_uploads_the_converted_folder(tmp_path, apple_dir, monkeypat
 
 
 def test_push_to_hub_waits_for_a_passing_verify(tmp_path, apple_dir, apple_tokenizer, monkeypatch, capsys):
-    source = tmp_path / "float32"
-    model = build_reference_model(apple_tokenizer)
-    with torch.no_grad():  # values that bfloat16 cannot hold
-        model.model.multi_modal_projector.linear_2.weight.normal_()
-    model.save_pretrained(source)
-    FastVLMProcessor.from_pretrained(apple_dir).save_pretrained(source)
+    source = _write_float32_checkpoint_that_bfloat16_cannot_hold(tmp_path / "float32", apple_dir, apple_tokenizer)
     monkeypatch.setattr(conversion, "push_to_hub", lambda *args: pytest.fail("pushed an unverified conversion"))
     argv = ["convert", str(source), str(tmp_path / "out"), "--dtype", "bfloat16", "--verify", "--push-to-hub", "a/b"]
     assert main(argv) == 1

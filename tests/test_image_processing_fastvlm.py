@@ -222,6 +222,12 @@ def test_file_paths_are_read(pad_processor, tmp_path):
     assert np.array_equal(from_pathlib, from_path)
 
 
+def test_a_16_bit_file_is_read_like_the_opened_image(pad_processor, tmp_path):
+    grey = np.random.default_rng(9).integers(0, 256, (30, 50), dtype=np.uint8)
+    Image.fromarray(grey.astype(np.uint16) * 257).save(tmp_path / "depth.png")
+    np.testing.assert_array_equal(pixels(pad_processor, str(tmp_path / "depth.png")), pad_oracle(Image.fromarray(grey)))
+
+
 def test_unreadable_files_name_the_file(pad_processor, tmp_path):
     (tmp_path / "broken.png").write_bytes(b"\x89PNG not really")
     with pytest.raises(ValueError, match="Cannot read the image .*broken.png"):

@@ -280,10 +280,17 @@ def _to_pil_image(image: Any, input_data_format: ChannelDimension | str | None) 
 
 
 def _load_image(path_or_url: str) -> Image.Image:
-    """Reads and decodes an image file or URL now, so that a bad file fails here with its name."""
+    """Reads an image file or URL now, so that a bad file fails here with its name.
+
+    A local file is opened as `PIL.Image.open` would (as Apple's reference does), so it is processed exactly like the
+    same image passed in opened; URLs and base64 strings go through transformers' `load_image`.
+    """
     try:
-        image = load_image(path_or_url)
-        image.load()
+        if os.path.isfile(path_or_url):
+            image = Image.open(path_or_url)
+            image.load()
+        else:
+            image = load_image(path_or_url)
     except (OSError, ValueError) as error:
         raise ValueError(f"Cannot read the image {path_or_url!r}: {error}") from error
     return image
