@@ -1,5 +1,6 @@
 """FastViTHD: each block against hand-written math, the whole encoder's shapes, layout and serialisation."""
 
+import copy
 import math
 
 import pytest
@@ -12,6 +13,7 @@ from fastvlm_hf.modeling_fastvithd import (
     FastViTHDAttentionBlock,
     FastViTHDConvAct,
     FastViTHDConvMlp,
+    FastViTHDConvNorm,
     FastViTHDLayerNorm2d,
     FastViTHDPatchEmbed,
     FastViTHDRepMixerBlock,
@@ -108,6 +110,24 @@ def test_channel_layer_norm_matches_biased_variance_formula():
     assert torch.allclose(norm(x).double(), expected, atol=1e-5)
 
 
+def attention_by_hand(mixer, x):
+    """Multi-head softmax(q·kᵀ/√d)·v over the pixels of a (B, C, H, W) map, then the output projection."""
+    channels, head_dim = x.shape[1], mixer.head_dim
+    tokens = x.flatten(2).transpose(1, 2)  # (B, N, C), row-major
+    q, k, v = (tokens @ mixer.qkv.weight.T).split(channels, dim=-1)
+    heads = []
+    for h in range(channels // head_dim):  # channels [d·h, d·h + d) belong to head h
+        qh, kh, vh = (t[..., head_dim * h : head_dim * (h + 1)] for t in (q, k, v))
+        weights = torch.softmax((qh * head_dim**-0.5) @ kh.transpose(1, 2), dim=-1)
+        heads.append(weights @ vh)
+    attended = torch.cat(heads, dim=-1) @ mixer.proj.weight.T + mixer.proj.bias
+    return attended.transpose(1, 2).reshape_as(x)
+
+
+def scaled(layer_scale, x):
+    return layer_scale.gamma.view(1, -1, 1, 1) * x
+
+
 @torch.no_grad()
 def test_attention_block_matches_explicit_softmax_attention():
     config = FastViTHDConfig(**{**TINY_VISION_CONFIG, "attention_head_dim": 32})
@@ -117,17 +137,8 @@ def test_attention_block_matches_explicit_softmax_attention():
     mixer = block.token_mixer
     assert mixer.qkv.bias is None and mixer.num_heads == 2
     normed = channel_layer_norm_by_hand(x, block.norm.weight, block.norm.bias, config.layer_norm_eps)
-    tokens = normed.flatten(2).transpose(1, 2)  # (B, N, C), row-major
-    q, k, v = (tokens @ mixer.qkv.weight.T).split(64, dim=-1)
-    heads = []
-    for h in range(2):  # channels [32h, 32h+32) belong to head h
-        qh, kh, vh = (t[..., 32 * h : 32 * (h + 1)] for t in (q, k, v))
-        weights = torch.softmax((qh * 32**-0.5) @ kh.transpose(1, 2), dim=-1)
-        heads.append(weights @ vh)
-    attended = torch.cat(heads, dim=-1) @ mixer.proj.weight.T + mixer.proj.bias
-    attended = attended.transpose(1, 2).reshape_as(x)
-    expected = x + block.layer_scale_1.gamma.view(1, -1, 1, 1) * attended
-    expected = expected + block.layer_scale_2.gamma.view(1, -1, 1, 1) * conv_mlp_by_hand(block.mlp, expected)
+    expected = x + scaled(block.layer_scale_1, attention_by_hand(mixer, normed))
+    expected = expected + scaled(block.layer_scale_2, conv_mlp_by_hand(block.mlp, expected))
     assert torch.allclose(block(x), expected, atol=1e-10)
 
 
@@ -267,3 +278,112 @@ def test_save_and_load_round_trip(tmp_path, config):
     pixels = torch.rand(1, 3, 128, 128)
     with torch.no_grad():
         assert torch.equal(model(pixels).last_hidden_state, reloaded(pixels).last_hidden_state)
+
+
+def conv_act_by_hand(block, x):
+    """`FastViTHDConvAct` written out: convolution, optional squeeze-excite, GELU."""
+    conv = block.reparam_conv
+    x = torch.nn.functional.conv2d(x, conv.weight, conv.bias, conv.stride, conv.padding, groups=conv.groups)
+    if not isinstance(block.se, torch.nn.Identity):
+        gate = pointwise_by_hand(x.mean(dim=(2, 3), keepdim=True), block.se.fc1.weight, block.se.fc1.bias)
+        x = x * torch.sigmoid(pointwise_by_hand(torch.relu(gate), block.se.fc2.weight, block.se.fc2.bias))
+    return gelu_by_hand(x)
+
+
+def tower_by_hand(model, pixel_values):
+    """The whole encoder in plain NCHW math, with every BatchNorm applied on its own after its convolution."""
+    x = pixel_values
+    for block in model.stem:
+        x = conv_act_by_hand(block, x)
+    for stage in model.stages:
+        if not isinstance(stage.downsample, torch.nn.Identity):
+            for block in stage.downsample.proj:
+                x = conv_act_by_hand(block, x)
+        if not isinstance(stage.pos_emb, torch.nn.Identity):
+            x = depthwise_conv_by_hand(x, stage.pos_emb.reparam_conv.weight, stage.pos_emb.reparam_conv.bias)
+        for block in stage.blocks:
+            if isinstance(block, FastViTHDRepMixerBlock):
+                x = depthwise_conv_by_hand(x, block.token_mixer.reparam_conv.weight, block.token_mixer.reparam_conv.bias)
+                x = x + scaled(block.layer_scale, conv_mlp_by_hand(block.mlp, x))
+            else:
+                normed = channel_layer_norm_by_hand(x, block.norm.weight, block.norm.bias, block.norm.eps)
+                x = x + scaled(block.layer_scale_1, attention_by_hand(block.token_mixer, normed))
+                x = x + scaled(block.layer_scale_2, conv_mlp_by_hand(block.mlp, x))
+    return conv_act_by_hand(model.final_conv, x)
+
+
+def relative_error(actual, expected):
+    return float((actual.double() - expected).norm() / expected.norm())
+
+
+@pytest.fixture
+def eval_tower(config):
+    torch.manual_seed(0)
+    model = FastViTHDModel(config)
+    randomize_non_parameter_state(model)
+    return model.eval()
+
+
+@torch.no_grad()
+def test_optimised_eval_path_matches_plain_math_in_float32(eval_tower):
+    # Eval mode runs channels-last with each ConvFFN BatchNorm folded into its convolution; the reference
+    # applies every operation as written, in float64.
+    pixel_values = torch.rand(2, 3, 128, 128, generator=torch.Generator().manual_seed(1))
+    expected = tower_by_hand(copy.deepcopy(eval_tower).double(), pixel_values.double())
+    assert relative_error(eval_tower(pixel_values).last_hidden_state, expected) <= 1e-5
+
+
+@torch.no_grad()
+def test_optimised_eval_path_in_bfloat16_stays_close(eval_tower):
+    pixel_values = torch.rand(1, 3, 128, 128, generator=torch.Generator().manual_seed(1))
+    expected = tower_by_hand(copy.deepcopy(eval_tower).double(), pixel_values.double())
+    actual = eval_tower.to(torch.bfloat16)(pixel_values.bfloat16()).last_hidden_state
+    assert actual.dtype == torch.bfloat16
+    assert relative_error(actual, expected) <= 3e-2
+
+
+@torch.no_grad()
+def test_batchnorm_folding_is_exact_and_leaves_the_weights_alone(config):
+    conv_norm = seeded(FastViTHDConvNorm(channels=8, kernel_size=7, eps=config.batch_norm_eps))
+    published = {name: tensor.clone() for name, tensor in conv_norm.state_dict().items()}
+    x = torch.randn(2, 8, 9, 9)
+    plain = conv_norm.bn(conv_norm.conv(x))
+    assert relative_error(conv_norm(x), plain.double()) <= 1e-6
+    assert published.keys() == conv_norm.state_dict().keys()
+    assert all(torch.equal(published[name], tensor) for name, tensor in conv_norm.state_dict().items())
+
+
+def test_training_uses_batch_statistics_and_updates_them(config):
+    conv_norm = seeded(FastViTHDConvNorm(channels=8, kernel_size=7, eps=config.batch_norm_eps)).train()
+    running_mean = conv_norm.bn.running_mean.clone()
+    x = torch.randn(4, 8, 9, 9) * 2 + 1
+    out = conv_norm(x)
+    conv_out = conv_norm.conv(x)
+    batch_mean = conv_out.mean(dim=(0, 2, 3))
+    batch_var = conv_out.var(dim=(0, 2, 3), unbiased=False)
+    expected = (conv_out - batch_mean.view(1, -1, 1, 1)) / torch.sqrt(batch_var.view(1, -1, 1, 1) + conv_norm.bn.eps)
+    expected = expected * conv_norm.bn.weight.view(1, -1, 1, 1) + conv_norm.bn.bias.view(1, -1, 1, 1)
+    assert torch.allclose(out, expected, atol=1e-5)
+    assert not torch.allclose(conv_norm.bn.running_mean, running_mean)
+    out.sum().backward()
+    assert conv_norm.bn.weight.grad is not None and conv_norm.conv.weight.grad is not None
+
+
+def test_train_and_eval_modes_switch_back_and_forth(eval_tower):
+    pixel_values = torch.rand(2, 3, 128, 128, generator=torch.Generator().manual_seed(2))
+    with torch.no_grad():
+        before = eval_tower(pixel_values).last_hidden_state
+        eval_tower.train()
+        in_training = eval_tower(pixel_values).last_hidden_state  # batch statistics (updates the running ones)
+        eval_tower.eval()
+    assert not torch.allclose(in_training, before, atol=1e-4)
+    with torch.no_grad():
+        expected = tower_by_hand(copy.deepcopy(eval_tower).double(), pixel_values.double())
+        assert relative_error(eval_tower(pixel_values).last_hidden_state, expected) <= 1e-5
+
+
+def test_torch_compile_captures_the_encoder_in_one_graph(eval_tower):
+    pixel_values = torch.rand(1, 3, 128, 128, generator=torch.Generator().manual_seed(3))
+    compiled = torch.compile(eval_tower, fullgraph=True, backend="eager")
+    with torch.no_grad():
+        assert torch.allclose(compiled(pixel_values).last_hidden_state, eval_tower(pixel_values).last_hidden_state)

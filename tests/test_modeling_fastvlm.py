@@ -5,7 +5,7 @@ import math
 import pytest
 import torch
 from conftest import TINY_VISION_CONFIG, tiny_text_config
-from transformers import AutoConfig, AutoModel, AutoModelForImageTextToText, Qwen2Model
+from transformers import AutoConfig, AutoModel, AutoModelForImageTextToText, DynamicCache, Qwen2Model
 
 from fastvlm_hf import FastVLMConfig, FastVLMForConditionalGeneration, FastVLMModel
 
@@ -195,3 +195,68 @@ def test_device_map_auto_loads(tiny_model, tiny_config, tmp_path):
     ids, pv = prompt_ids(tiny_config), pixels()
     with torch.no_grad():
         assert torch.allclose(model(input_ids=ids, pixel_values=pv).logits, tiny_model(input_ids=ids, pixel_values=pv).logits)
+
+
+def count_vision_calls(model):
+    calls = []
+    handle = model.model.vision_tower.register_forward_hook(lambda module, args, output: calls.append(args[0].shape[0]))
+    return calls, handle
+
+
+@pytest.mark.parametrize("pass_pixels_again", [False, True])
+@torch.no_grad()
+def test_second_turn_from_the_cache_equals_a_full_prefill_without_encoding_again(
+    tiny_model, tiny_config, pass_pixels_again
+):
+    pv = pixels()
+    cache = DynamicCache()
+    first = tiny_model.generate(
+        input_ids=prompt_ids(tiny_config), pixel_values=pv, past_key_values=cache, max_new_tokens=4, do_sample=False
+    )
+    follow_up = torch.cat([first, torch.tensor([[2, 1, 9, 10, 11, 2, 1]])], dim=1)
+    cached_length = cache.get_seq_length()
+
+    calls, handle = count_vision_calls(tiny_model)
+    try:
+        second = tiny_model.generate(
+            input_ids=follow_up,
+            pixel_values=pv if pass_pixels_again else None,
+            past_key_values=cache,
+            max_new_tokens=5,
+            do_sample=False,
+        )
+    finally:
+        handle.remove()
+    assert calls == []  # the image is in the cache
+    assert cache.get_seq_length() > cached_length  # the turn continued from it
+
+    fresh = tiny_model.generate(input_ids=follow_up, pixel_values=pv, max_new_tokens=5, do_sample=False)
+    assert torch.equal(second, fresh)
+
+
+@torch.no_grad()
+def test_a_new_image_in_a_follow_up_turn_is_the_only_one_encoded(tiny_model, tiny_config):
+    pv = pixels(num_images=2)
+    cache = DynamicCache()
+    first = tiny_model.generate(
+        input_ids=prompt_ids(tiny_config), pixel_values=pv[:1], past_key_values=cache, max_new_tokens=3, do_sample=False
+    )
+    new_turn = [2, 1, 9] + [tiny_config.image_token_id] * TOKENS_PER_IMAGE + [10, 2, 1]
+    follow_up = torch.cat([first, torch.tensor([new_turn])], dim=1)
+
+    calls, handle = count_vision_calls(tiny_model)
+    try:
+        second = tiny_model.generate(
+            input_ids=follow_up, pixel_values=pv, past_key_values=cache, max_new_tokens=4, do_sample=False
+        )
+    finally:
+        handle.remove()
+    assert calls == [1]  # one image, the new one
+
+    fresh = tiny_model.generate(input_ids=follow_up, pixel_values=pv, max_new_tokens=4, do_sample=False)
+    assert torch.equal(second, fresh)
+
+
+def test_image_tokens_without_pixel_values_are_refused(tiny_model, tiny_config):
+    with pytest.raises(ValueError, match="4 image tokens but no `pixel_values`"):
+        tiny_model(input_ids=prompt_ids(tiny_config))

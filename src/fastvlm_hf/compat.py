@@ -53,16 +53,17 @@ def tied_weights_keys(target_to_source: dict[str, str]) -> dict[str, str] | list
 
 
 def is_first_generation_step(model_inputs: dict[str, Any], is_first_iteration: bool | None) -> bool:
-    """Whether `generate` is preparing the prefill step.
+    """Whether `generate` is preparing the prefill step of this call (which may continue from a filled cache).
 
-    5.x passes `is_first_iteration`; up to 5.3 (and on 4.x) `cache_position` starts at 0 on prefill; with
-    neither, an empty cache means prefill.
+    5.x passes `is_first_iteration`. Up to 5.3 (and on 4.x) `cache_position` tells instead: it starts at 0 on a fresh
+    prefill, and spans more than the one new token of a decoding step when a call continues a cache with a new turn.
+    With neither, an empty cache means prefill.
     """
     if is_first_iteration is not None:
         return bool(is_first_iteration)
     cache_position = model_inputs.get("cache_position")
     if cache_position is not None:
-        return int(cache_position[0]) == 0
+        return int(cache_position[0]) == 0 or cache_position.numel() > 1
     past_key_values = model_inputs.get("past_key_values")
     return past_key_values is None or past_key_values.get_seq_length() == 0
 

@@ -137,20 +137,24 @@ class FastVLMModel(FastVLMPreTrainedModel):
         """Projected features of each image: (num_images, tokens_per_image, text hidden size)."""
         pixel_values = pixel_values.to(dtype=self.vision_tower.dtype)
         feature_map = self.vision_tower(pixel_values, return_dict=True).last_hidden_state
-        image_features = feature_map.flatten(2).transpose(1, 2)  # (B, C, H', W') -> (B, H'*W', C), row-major
+        # (B, C, H', W') -> (B, H'*W', C), row-major; no copy for the tower's channels-last output
+        image_features = feature_map.permute(0, 2, 3, 1).flatten(1, 2)
         return self.multi_modal_projector(image_features)
+
+    def image_token_mask(self, input_ids: torch.LongTensor | None, inputs_embeds: torch.Tensor) -> torch.Tensor:
+        """(batch, sequence) boolean mask of the image-token positions."""
+        if input_ids is not None:
+            return input_ids == self.config.image_token_id
+        image_embedding = self.get_input_embeddings()(
+            torch.tensor(self.config.image_token_id, dtype=torch.long, device=inputs_embeds.device)
+        )
+        return (inputs_embeds == image_embedding).all(-1)
 
     def get_placeholder_mask(
         self, input_ids: torch.LongTensor | None, inputs_embeds: torch.Tensor, image_features: torch.Tensor
     ) -> torch.Tensor:
         """Boolean mask over `inputs_embeds` of the image-token positions; checks they match the features."""
-        if input_ids is not None:
-            is_image_token = input_ids == self.config.image_token_id
-        else:
-            image_embedding = self.get_input_embeddings()(
-                torch.tensor(self.config.image_token_id, dtype=torch.long, device=inputs_embeds.device)
-            )
-            is_image_token = (inputs_embeds == image_embedding).all(-1)
+        is_image_token = self.image_token_mask(input_ids, inputs_embeds)
         num_image_tokens = int(is_image_token.sum())
         num_images, tokens_per_image = image_features.shape[:2]
         if num_image_tokens != num_images * tokens_per_image:
@@ -161,6 +165,36 @@ class FastVLMModel(FastVLMPreTrainedModel):
                 "tokens, and do not truncate through them."
             )
         return is_image_token.unsqueeze(-1).expand_as(inputs_embeds).to(inputs_embeds.device)
+
+    def images_to_encode(
+        self, pixel_values: torch.Tensor | None, is_image_token: torch.Tensor, past_key_values: Cache | None
+    ) -> torch.Tensor | None:
+        """The images whose tokens are in this forward's input (`is_image_token`, batch × sequence).
+
+        A follow-up chat turn that continues from a cache feeds only its new tokens: the cache already holds the
+        earlier images, so their pixels, which a processor run on the whole conversation passes again, are not
+        encoded a second time. Only images at the end of the list can be new, which is unambiguous for a single
+        sequence; a batch can only drop all of its images.
+        """
+        num_image_tokens = int(is_image_token.sum())
+        cached_length = past_key_values.get_seq_length() if isinstance(past_key_values, Cache) else 0
+        if pixel_values is None:
+            if num_image_tokens and not cached_length:
+                raise ValueError(
+                    f"The input has {num_image_tokens} image tokens but no `pixel_values`: pass the images that the "
+                    "prompt's `<image>` placeholders stand for (the processor returns both)."
+                )
+            return None
+        if not cached_length:
+            return pixel_values
+        if not num_image_tokens:
+            return None
+        patch_size = self.config.vision_config.patch_size
+        tokens_per_image = (pixel_values.shape[-2] // patch_size) * (pixel_values.shape[-1] // patch_size)
+        new_images, remainder = divmod(num_image_tokens, tokens_per_image)
+        if remainder or new_images >= len(pixel_values) or is_image_token.shape[0] > 1:
+            return pixel_values  # all of them, or a mismatch for `get_placeholder_mask` to report
+        return pixel_values[len(pixel_values) - new_images :]
 
     def forward(
         self,
@@ -184,6 +218,9 @@ class FastVLMModel(FastVLMPreTrainedModel):
             inputs_embeds = self.get_input_embeddings()(input_ids)
 
         image_features = None
+        pixel_values = self.images_to_encode(
+            pixel_values, self.image_token_mask(input_ids, inputs_embeds), past_key_values
+        )
         if pixel_values is not None:
             image_features = self.get_image_features(pixel_values).to(inputs_embeds.device, inputs_embeds.dtype)
             image_mask = self.get_placeholder_mask(input_ids, inputs_embeds, image_features)
