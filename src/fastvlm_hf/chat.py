@@ -25,16 +25,20 @@ class ContextLengthError(ValueError):
     """The prompt or conversation does not fit in the model's context."""
 
 
-def user_message(text: str, images: list | None = None) -> dict[str, Any]:
-    """A chat message from the user: the images first, then the text."""
+def message(role: str, text: str, images: list | None = None) -> dict[str, Any]:
+    """A chat message: the images first, then the text (content as a list, which transformers 4.x requires)."""
     content = [{"type": "image", "image": image} for image in images or []]
     content.append({"type": "text", "text": text})
-    return {"role": "user", "content": content}
+    return {"role": role, "content": content}
+
+
+def user_message(text: str, images: list | None = None) -> dict[str, Any]:
+    return message("user", text, images)
 
 
 def conversation_start(images: list, text: str, system_prompt: str | None = None) -> list[dict[str, Any]]:
     """The messages of a new conversation: an optional system prompt, then the user's images and text."""
-    messages = [{"role": "system", "content": system_prompt}] if system_prompt else []
+    messages = [message("system", system_prompt)] if system_prompt else []
     return [*messages, user_message(text, images)]
 
 
@@ -168,7 +172,7 @@ class ChatSession:
 
     def _turn_texts(self, question: str) -> tuple[str, str]:
         """What the chat template writes after the last answer (its close), and for the next user turn."""
-        history = [*self.messages[:-1], {"role": "assistant", "content": _ANSWER_STAND_IN}]
+        history = [*self.messages[:-1], message("assistant", _ANSWER_STAND_IN)]
         before = self._render(history, add_generation_prompt=False)
         after = self._render([*history, user_message(question)], add_generation_prompt=True)
         if not after.startswith(before) or _ANSWER_STAND_IN not in before:
@@ -194,7 +198,7 @@ class ChatSession:
         answer = self.processor.decode(output.sequences[0, input_ids.shape[1] :], skip_special_tokens=True)
         if not is_first_turn:
             self.messages.append(user_message(question))
-        self.messages.append({"role": "assistant", "content": answer})
+        self.messages.append(message("assistant", answer))
         return answer
 
     def _keep_image_prefix(self) -> None:
@@ -212,4 +216,5 @@ class ChatSession:
         self._image_prefix = (self.input_ids[:, :length].clone(), cache)
 
 
-__all__ = ["ChatSession", "ContextLengthError", "context_length", "conversation_start", "fit_new_tokens", "user_message"]
+__all__ = ["ChatSession", "ContextLengthError", "context_length", "conversation_start", "fit_new_tokens", "message",
+           "user_message"]
