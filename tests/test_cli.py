@@ -14,7 +14,7 @@ import torch
 from PIL import Image
 from transformers import AutoModelForImageTextToText, AutoProcessor
 
-from fastvlm_hf import FastVLMForConditionalGeneration, FastViTHDModel
+from fastvlm_hf import FastVLMForConditionalGeneration, FastVLMModel, FastViTHDModel
 from fastvlm_hf.chat import ChatSession
 from fastvlm_hf.cli import build_parser, describe_load_error, generation_kwargs, main
 
@@ -215,7 +215,9 @@ class Sessions:
     def __init__(self, monkeypatch):
         self.created = []
         self.vision_calls = 0
+        self.positions_computed = 0  # sequence positions run through the model, over all forward calls
         original_init, original_forward = ChatSession.__init__, FastViTHDModel.forward
+        original_model_forward = FastVLMModel.forward
 
         def init(session, *args, **kwargs):
             original_init(session, *args, **kwargs)
@@ -225,7 +227,12 @@ class Sessions:
             self.vision_calls += 1
             return original_forward(module, *args, **kwargs)
 
+        def model_forward(module, input_ids=None, *args, **kwargs):
+            self.positions_computed += input_ids.shape[1]
+            return original_model_forward(module, input_ids, *args, **kwargs)
+
         monkeypatch.setattr(ChatSession, "__init__", init)
+        monkeypatch.setattr(FastVLMModel, "forward", model_forward)
         monkeypatch.setattr(FastViTHDModel, "forward", forward)
 
 
@@ -247,6 +254,8 @@ def test_chat_encodes_the_image_once_and_continues_from_the_cache(checkpoint, re
     captured = run_chat(monkeypatch, capsys, checkpoint, image_path, [PROMPT, "What colour is the square?"])
     assert sessions.vision_calls == 1
     session = sessions.created[0]
+    # Every position is computed once (the last generated token never is): the second turn ran only its new tokens.
+    assert sessions.positions_computed == session.input_ids.shape[1] - 1
     first_answer = expected_answer(reference, [image_path], PROMPT, 6)
     second_prompt = session.input_ids[:, : session.prompt_tokens]
     with torch.no_grad():  # a fresh prefill of the whole conversation, image included, without any cache

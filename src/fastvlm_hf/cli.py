@@ -532,7 +532,6 @@ def _model_options() -> argparse.ArgumentParser:
     group.add_argument("--image-mode", choices=["pad", "crop"],
                        help="pad: pad to a square like Apple's predict.py; crop: centre crop like transformers' "
                             "fast_vlm (default: the checkpoint's, pad for Apple's)")
-    group.add_argument("--debug", action="store_true", help="show full tracebacks on errors")
     return options  # fmt: skip
 
 
@@ -541,7 +540,7 @@ def _generation_options() -> argparse.ArgumentParser:
     group = options.add_argument_group("generation")
     group.add_argument("--max-new-tokens", type=_positive_int, default=256, metavar="N",
                        help="maximum number of generated tokens (default: 256)")
-    group.add_argument("--temperature", type=_non_negative_float, default=0.0,
+    group.add_argument("--temperature", type=_non_negative_float, default=0.0, metavar="T",
                        help="0: greedy decoding; above 0: sampling at this temperature (default: 0)")
     group.add_argument("--top-p", type=_probability, metavar="P", help="nucleus sampling threshold, with --temperature")
     group.add_argument("--system-prompt", metavar="TEXT",
@@ -553,10 +552,12 @@ def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(prog="fastvlm-hf", description="Apple's FastVLM through Hugging Face transformers.")
     parser.add_argument("--version", action="version", version=f"%(prog)s {_package_version()}")
     commands = parser.add_subparsers(dest="command", metavar="COMMAND", required=True)
+    common = argparse.ArgumentParser(add_help=False)
+    common.add_argument("--debug", action="store_true", help="show full tracebacks on errors")
     model_options, generation_options = _model_options(), _generation_options()
 
     predict = commands.add_parser(
-        "predict", parents=[model_options, generation_options], help="answer a prompt about images",
+        "predict", parents=[common, model_options, generation_options], help="answer a prompt about images",
         description="Answer a prompt about one or more images; the answer streams to stdout, status lines and "
                     "--stats go to stderr.")  # fmt: skip
     predict.add_argument("--image", required=True, action="append", metavar="PATH_OR_URL",
@@ -571,14 +572,14 @@ def build_parser() -> argparse.ArgumentParser:
     predict.set_defaults(handler=run_predict)  # fmt: skip
 
     chat = commands.add_parser(
-        "chat", parents=[model_options, generation_options], help="talk about an image, turn by turn",
+        "chat", parents=[common, model_options, generation_options], help="talk about an image, turn by turn",
         description=f"A conversation about one image, one question per line on stdin (typed or piped). The image is "
                     f"encoded once and every turn reuses the conversation's KV cache. {CHAT_HELP}")  # fmt: skip
     chat.add_argument("--image", required=True, metavar="PATH_OR_URL", help="image file or http(s) URL")
     chat.set_defaults(handler=run_chat)
 
     bench = commands.add_parser(
-        "bench", parents=[model_options], help="time the phases of generation",
+        "bench", parents=[common, model_options], help="time the phases of generation",
         description="Time preprocessing, vision encoder, prefill, time to first token (TTFT), decode, and the TTFT "
                     "of a follow-up chat turn about the same image, over several runs after a warm-up; print a "
                     "Markdown table of medians, minima and maxima.")  # fmt: skip
@@ -590,6 +591,7 @@ def build_parser() -> argparse.ArgumentParser:
 
     convert = commands.add_parser(
         "convert",
+        parents=[common],
         help="convert a checkpoint between FastVLM layouts",
         description="Rewrite a FastVLM checkpoint (Apple's, this package's or transformers' native layout) into "
         "this package's layout or transformers' native one, with sharded safetensors and a model card (README.md).",
@@ -620,7 +622,6 @@ def build_parser() -> argparse.ArgumentParser:
         metavar="REPO",
         help="upload the result to this Hub model repo, created if missing (needs a write token)",
     )
-    convert.add_argument("--debug", action="store_true", help="show full tracebacks on errors")
     convert.set_defaults(handler=run_convert)
     return parser
 
