@@ -14,7 +14,7 @@ import torch
 from PIL import Image
 from transformers import AutoModelForImageTextToText, AutoProcessor
 
-from fastvlm_hf import FastVLMForConditionalGeneration, FastVLMModel, FastViTHDModel
+from fastvlm_hf import FastViTHDModel, FastVLMForConditionalGeneration, FastVLMModel
 from fastvlm_hf.chat import ChatSession
 from fastvlm_hf.cli import build_parser, describe_load_error, generation_kwargs, main
 
@@ -107,7 +107,7 @@ def test_streamed_answer_equals_the_non_streamed_text(checkpoint, reference, ima
 def test_subprocess_run(checkpoint, reference, image_path):
     result = subprocess.run(
         [sys.executable, "-m", "fastvlm_hf.cli", *predict_args(checkpoint, image_path)],
-        capture_output=True, text=True, timeout=300, env={**os.environ, "HF_HUB_OFFLINE": "1"},
+        check=False, capture_output=True, text=True, timeout=300, env={**os.environ, "HF_HUB_OFFLINE": "1"},
     )  # fmt: skip
     assert result.returncode == 0, result.stderr
     assert result.stdout == expected_answer(reference, [image_path], PROMPT, 6) + "\n"
@@ -327,7 +327,7 @@ def test_chat_subprocess_with_piped_questions(checkpoint, image_path, monkeypatc
     result = subprocess.run(
         [sys.executable, "-m", "fastvlm_hf.cli", "chat", *model_args(checkpoint), "--image", str(image_path),
          "--max-new-tokens", "6"],
-        input="\n".join(questions) + "\n", capture_output=True, text=True, timeout=300,
+        input="\n".join(questions) + "\n", check=False, capture_output=True, text=True, timeout=300,
         env={**os.environ, "HF_HUB_OFFLINE": "1"},
     )  # fmt: skip
     assert result.returncode == 0, result.stderr
@@ -379,7 +379,7 @@ def test_missing_model_folder_is_a_one_line_error(image_path, tmp_path, capsys):
 def test_unknown_repo_offline_says_how_to_get_the_model(image_path):
     result = subprocess.run(
         [sys.executable, "-m", "fastvlm_hf.cli", *predict_args("nobody/no-such-fastvlm", image_path)],
-        capture_output=True, text=True, timeout=300, env={**os.environ, "HF_HUB_OFFLINE": "1"},
+        check=False, capture_output=True, text=True, timeout=300, env={**os.environ, "HF_HUB_OFFLINE": "1"},
     )  # fmt: skip
     assert result.returncode == 1
     assert "Traceback" not in result.stderr

@@ -151,8 +151,12 @@ def _hub_offline() -> bool:
 
 def describe_load_error(model_id: str, error: BaseException) -> str:
     """One line that says why `model_id` did not load and what to do, from the Hub errors behind `error`."""
-    from huggingface_hub.errors import GatedRepoError, LocalEntryNotFoundError, OfflineModeIsEnabled
-    from huggingface_hub.errors import RepositoryNotFoundError
+    from huggingface_hub.errors import (
+        GatedRepoError,
+        LocalEntryNotFoundError,
+        OfflineModeIsEnabled,
+        RepositoryNotFoundError,
+    )
 
     local_hint = "or pass a local folder with --model PATH"
     causes = _causes(error)
@@ -179,8 +183,9 @@ def _causes(error: BaseException) -> list[BaseException]:
 
 def load_processor(model_id: str, resolution: int | None = None, image_mode: str | None = None):
     """The checkpoint's processor, with the image size and mode the command line asks for."""
-    import fastvlm_hf  # noqa: F401  (registers the FastVLM classes with the Auto classes)
     from transformers import AutoProcessor
+
+    import fastvlm_hf  # noqa: F401  (registers the FastVLM classes with the Auto classes)
 
     try:
         processor = AutoProcessor.from_pretrained(model_id)
@@ -201,8 +206,9 @@ def load_processor(model_id: str, resolution: int | None = None, image_mode: str
 
 def load_model(model_id: str, device: str, dtype, quantization=None):
     """Load the model through the Auto classes that ``import fastvlm_hf`` registers."""
-    import fastvlm_hf  # noqa: F401
     from transformers import AutoModelForImageTextToText
+
+    import fastvlm_hf  # noqa: F401
 
     kwargs = {"dtype": dtype, "device_map": device}
     if quantization is not None:
@@ -272,41 +278,18 @@ def _settings(args: argparse.Namespace, processor, model) -> dict:
 
 
 def run_predict(args: argparse.Namespace) -> int:
-    import torch
     from transformers import TextStreamer
 
-    from .chat import ContextLengthError, conversation_start, fit_new_tokens, move_inputs
-    from .stats import GenerationTimer
+    from .chat import conversation_start
 
     images = [load_image(path) for path in args.image]
     processor, model = load(args)
-    kwargs = generation_kwargs(args)
-    timed_tokens = args.num_beams == 1  # transformers streams greedy and sampled decoding only, not beam search
-    streams = timed_tokens and not args.json
+    streams = args.num_beams == 1 and not args.json  # transformers streams greedy and sampled decoding, not beams
     text_streamer = TextStreamer(processor.tokenizer, skip_prompt=True, skip_special_tokens=True) if streams else None
-    timer = GenerationTimer(model, streamer=text_streamer)
     messages = conversation_start(images, args.prompt, args.system_prompt)
-
     _status(f"Encoding {_plural(len(images), 'image')} and generating ...")
-    with timer:
-        with timer.preprocessing():
-            inputs = processor.apply_chat_template(
-                messages, add_generation_prompt=True, tokenize=True, return_dict=True, return_tensors="pt"
-            )
-        inputs = move_inputs(inputs, model)
-        prompt_tokens = inputs["input_ids"].shape[1]
-        try:
-            kwargs["max_new_tokens"] = fit_new_tokens(model, prompt_tokens, args.max_new_tokens)
-        except ContextLengthError as error:
-            raise CLIError(f"{error}: shorten the prompt, or use fewer images or a lower --resolution") from error
-        with torch.inference_mode():
-            output = model.generate(**inputs, streamer=timer.streamer if timed_tokens else None, **kwargs)
+    text, timings = answer_timed(model, processor, messages, generation_kwargs(args), text_streamer)
 
-    new_tokens = output[0, prompt_tokens:]
-    text = processor.decode(new_tokens, skip_special_tokens=True)
-    timings = timer.timings(prompt_tokens=prompt_tokens)
-    if not timed_tokens:
-        timings.new_tokens = len(new_tokens)
     if args.json:
         report = {"text": text, "model": args.model, "settings": _settings(args, processor, model),
                   "timings": timings.as_dict()}  # fmt: skip
@@ -316,6 +299,36 @@ def run_predict(args: argparse.Namespace) -> int:
     if args.stats:
         _status("\n".join(["--- stats ---", *timings.report_lines()]))
     return 0
+
+
+def answer_timed(model, processor, messages, kwargs: dict, text_streamer=None):
+    """The answer to `messages` and the timings of its phases; tokens go to `text_streamer` as they come."""
+    import torch
+
+    from .chat import ContextLengthError, fit_new_tokens, move_inputs
+    from .stats import GenerationTimer
+
+    timed_tokens = kwargs.get("num_beams", 1) == 1  # a streamer (the token clock) works without beam search only
+    timer = GenerationTimer(model, streamer=text_streamer)
+    with timer:
+        with timer.preprocessing():
+            inputs = processor.apply_chat_template(
+                messages, add_generation_prompt=True, tokenize=True, return_dict=True, return_tensors="pt"
+            )
+        inputs = move_inputs(inputs, model)
+        prompt_tokens = inputs["input_ids"].shape[1]
+        try:
+            kwargs = {**kwargs, "max_new_tokens": fit_new_tokens(model, prompt_tokens, kwargs["max_new_tokens"])}
+        except ContextLengthError as error:
+            raise CLIError(f"{error}: shorten the prompt, or use fewer images or a lower --resolution") from error
+        with torch.inference_mode():
+            output = model.generate(**inputs, streamer=timer.streamer if timed_tokens else None, **kwargs)
+
+    new_tokens = output[0, prompt_tokens:]
+    timings = timer.timings(prompt_tokens=prompt_tokens)
+    if not timed_tokens:
+        timings.new_tokens = len(new_tokens)
+    return processor.decode(new_tokens, skip_special_tokens=True), timings
 
 
 def _plural(number: int, noun: str) -> str:
@@ -397,8 +410,6 @@ def _chat_turn(session, processor, question: str) -> None:
 
 
 def run_bench(args: argparse.Namespace) -> int:
-    from .stats import summarize
-
     image = load_image(args.image) if args.image else _bench_image()
     processor, model = load(args)
     kwargs = {"max_new_tokens": args.max_new_tokens, "min_new_tokens": args.max_new_tokens, "do_sample": False}
@@ -409,21 +420,22 @@ def run_bench(args: argparse.Namespace) -> int:
         _status(f"Run {index + 1}/{args.repeats} ...")
         rounds.append(_bench_round(model, processor, image, kwargs))
 
-    first, _ = rounds[0]
+    firsts = [first.as_dict() for first, _ in rounds]
+    follow_ups = [follow_up.as_dict() for _, follow_up in rounds]
     size = processor.image_processor.size
     print(f"{args.model} on {model.device} ({str(model.dtype).removeprefix('torch.')}), {size['height']}x{size['width']} "
-          f"image, {first.prompt_tokens}-token prompt, {args.max_new_tokens} new tokens; {args.repeats} runs after "
-          f"1 warm-up\n")  # fmt: skip
+          f"image, {firsts[0]['prompt_tokens']}-token prompt, {args.max_new_tokens} new tokens; {args.repeats} runs "
+          f"after 1 warm-up\n")  # fmt: skip
     rows = [
-        ("preprocessing (ms)", [turn.as_dict()["preprocess_ms"] for turn, _ in rounds]),
-        ("vision encoder (ms)", [turn.as_dict()["vision_ms"] for turn, _ in rounds]),
-        ("prefill (ms)", [turn.as_dict()["prefill_ms"] for turn, _ in rounds]),
-        ("TTFT (ms)", [turn.as_dict()["ttft_ms"] for turn, _ in rounds]),
-        ("decode (ms/token)", [turn.decode_ms_per_token for turn, _ in rounds]),
-        ("decode (tokens/s)", [turn.tokens_per_s for turn, _ in rounds]),
-        ("TTFT, follow-up chat turn (ms)", [follow_up.as_dict()["ttft_ms"] for _, follow_up in rounds]),
+        ("preprocessing (ms)", [first["preprocess_ms"] for first in firsts]),
+        ("vision encoder (ms)", [first["vision_ms"] for first in firsts]),
+        ("prefill (ms)", [first["prefill_ms"] for first in firsts]),
+        ("TTFT (ms)", [first["ttft_ms"] for first in firsts]),
+        ("decode (ms/token)", [first["decode_ms_per_token"] for first in firsts]),
+        ("decode (tokens/s)", [first["tokens_per_s"] for first in firsts]),
+        ("TTFT, follow-up chat turn (ms)", [follow_up["ttft_ms"] for follow_up in follow_ups]),
     ]
-    print(markdown_table(rows, summarize))
+    print(markdown_table(rows))
     return 0
 
 
@@ -453,7 +465,10 @@ def _bench_round(model, processor, image, kwargs):
     return tuple(timings)
 
 
-def markdown_table(rows, summarize) -> str:
+def markdown_table(rows: list[tuple[str, list[float | None]]]) -> str:
+    """A Markdown table of the median, minimum and maximum of each row's measured values."""
+    from .stats import summarize
+
     lines = ["| phase | median | min | max |", "|---|---:|---:|---:|"]
     for name, values in rows:
         summary = summarize(values)

@@ -134,7 +134,7 @@ class GenerationTimer:
         self._first_forward: tuple[float, float] | None = None
         self._handles: list = []
 
-    def __enter__(self) -> "GenerationTimer":
+    def __enter__(self) -> GenerationTimer:
         self._install_hooks()
         self._start = time.perf_counter()
         return self
