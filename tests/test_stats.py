@@ -9,7 +9,7 @@ from transformers import Qwen2Config, Qwen2ForCausalLM
 
 from fastvlm_hf.stats import GenerationTimer, GenerationTimings, TokenClock, summarize
 
-VISION_DELAY_S = 0.2
+VISION_DELAY_S = 1.0  # far above the tiny model's own prefill time, even on a busy machine
 
 
 @pytest.fixture(scope="module")
@@ -59,7 +59,7 @@ def test_vision_time_is_measured_and_left_out_of_prefill(tiny_model, tiny_proces
 
     assert output.shape[1] - inputs["input_ids"].shape[1] == timings.new_tokens == 4
     assert timings.preprocess_s >= 0.05
-    assert VISION_DELAY_S <= timings.vision_s < 2 * VISION_DELAY_S
+    assert VISION_DELAY_S <= timings.vision_s < VISION_DELAY_S + 5
     assert 0 < timings.prefill_s < VISION_DELAY_S
     assert timings.ttft_s >= timings.preprocess_s + timings.vision_s + timings.prefill_s
     assert timings.decode_s > 0 and timings.decode_ms_per_token == pytest.approx(1000 * timings.decode_s / 3)
