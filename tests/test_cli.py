@@ -1,55 +1,360 @@
-"""`fastvlm-hf predict` against a tiny local checkpoint, in-process and as a subprocess."""
+"""The `fastvlm-hf` command against a tiny local checkpoint, in-process and as a subprocess."""
 
+import http.server
+import io
+import json
 import os
+import re
 import subprocess
 import sys
+import threading
 
 import pytest
 import torch
 from PIL import Image
 from transformers import AutoModelForImageTextToText, AutoProcessor
 
-from fastvlm_hf.cli import main
+from fastvlm_hf import FastViTHDModel, FastVLMForConditionalGeneration, FastVLMModel
+from fastvlm_hf.chat import ChatSession
+from fastvlm_hf.cli import build_parser, describe_load_error, generation_kwargs, main
+
+PROMPT = "Describe the image."
+STATS_LABELS = ["preprocessing", "vision encoder", "prefill", "TTFT", "decode"]
 
 
 @pytest.fixture(scope="module")
-def image_path(tmp_path_factory):
-    path = tmp_path_factory.mktemp("images") / "scene.png"
-    image = Image.new("RGB", (180, 120), (250, 250, 250))
-    image.paste((30, 160, 30), (20, 20, 90, 90))
+def checkpoint(tiny_config, tiny_processor, tmp_path_factory):
+    """The tiny FastVLM with weights drawn large enough that its answers depend on the image and the prompt (the
+    shared tiny model answers the same whitespace whatever it is shown, which no equality test could fail on)."""
+    torch.manual_seed(0)
+    model = FastVLMForConditionalGeneration(tiny_config).eval()
+    generator = torch.Generator().manual_seed(1)
+    with torch.no_grad():
+        for name, parameter in model.named_parameters():
+            if parameter.dim() >= 2:
+                std = parameter[0].numel() ** -0.5 if "vision_tower" in name else 1.0
+                parameter.normal_(0, std, generator=generator)
+    path = tmp_path_factory.mktemp("tiny-fastvlm-cli")
+    model.save_pretrained(path)
+    tiny_processor.save_pretrained(path)
+    return path
+
+
+@pytest.fixture(scope="module")
+def reference(checkpoint):
+    """The checkpoint's processor and model, loaded as a user of transformers would."""
+    processor = AutoProcessor.from_pretrained(checkpoint)
+    model = AutoModelForImageTextToText.from_pretrained(checkpoint, dtype=torch.float32).eval()
+    return processor, model
+
+
+def _save_image(path, background, square):
+    image = Image.new("RGB", (180, 120), background)
+    image.paste(square, (20, 20, 90, 90))
     image.save(path)
     return path
 
 
-def expected_answer(checkpoint, image_path, prompt, max_new_tokens):
-    processor = AutoProcessor.from_pretrained(checkpoint)
-    model = AutoModelForImageTextToText.from_pretrained(checkpoint, dtype=torch.float32).eval()
-    messages = [{"role": "user", "content": [{"type": "image", "image": Image.open(image_path)}, {"type": "text", "text": prompt}]}]
-    inputs = processor.apply_chat_template(messages, add_generation_prompt=True, tokenize=True, return_dict=True, return_tensors="pt")
+@pytest.fixture(scope="module")
+def image_path(tmp_path_factory):
+    return _save_image(tmp_path_factory.mktemp("images") / "scene.png", (250, 250, 250), (30, 160, 30))
+
+
+@pytest.fixture(scope="module")
+def other_image_path(tmp_path_factory):
+    return _save_image(tmp_path_factory.mktemp("images") / "night.png", (0, 0, 0), (255, 255, 255))
+
+
+def reference_inputs(processor, image_paths, prompt):
+    content = [{"type": "image", "image": Image.open(path)} for path in image_paths]
+    messages = [{"role": "user", "content": [*content, {"type": "text", "text": prompt}]}]
+    return processor.apply_chat_template(messages, add_generation_prompt=True, tokenize=True, return_dict=True, return_tensors="pt")  # fmt: skip
+
+
+def expected_answer(reference, image_paths, prompt, max_new_tokens):
+    processor, model = reference
+    inputs = reference_inputs(processor, image_paths, prompt)
     with torch.no_grad():
         output = model.generate(**inputs, max_new_tokens=max_new_tokens, do_sample=False)
     return processor.decode(output[0, inputs["input_ids"].shape[1] :], skip_special_tokens=True)
 
 
-def predict_args(checkpoint, image_path, *extra):
-    return ["predict", "--model", str(checkpoint), "--image", str(image_path), "--prompt", "Describe the image.",
-            "--device", "cpu", "--dtype", "float32", "--max-new-tokens", "6", *extra]
+def model_args(checkpoint, *extra):
+    return ["--model", str(checkpoint), "--device", "cpu", "--dtype", "float32", *extra]
 
 
-def test_streamed_answer_equals_the_non_streamed_text(tiny_checkpoint_dir, image_path, capsys):
-    assert main(predict_args(tiny_checkpoint_dir, image_path)) == 0
+def predict_args(checkpoint, image_path, *extra, prompt=PROMPT):
+    return ["predict", *model_args(checkpoint), "--image", str(image_path), "--prompt", prompt, "--max-new-tokens", "6", *extra]  # fmt: skip
+
+
+def error_lines(err):
+    return [line for line in err.splitlines() if line.startswith("fastvlm-hf: error:")]
+
+
+# --------------------------------------------------------------------------------------------------
+# predict
+
+
+def test_streamed_answer_equals_the_non_streamed_text(checkpoint, reference, image_path, capsys):
+    assert main(predict_args(checkpoint, image_path)) == 0
     captured = capsys.readouterr()
-    assert captured.out.strip() == expected_answer(tiny_checkpoint_dir, image_path, "Describe the image.", 6).strip()
-    assert "Loading" in captured.err and "Loading" not in captured.out
+    expected = expected_answer(reference, [image_path], PROMPT, 6)
+    assert expected.strip()
+    assert captured.out == expected + "\n"
+    assert "Loading model" in captured.err and "Loading" not in captured.out
 
 
-def test_subprocess_run(tiny_checkpoint_dir, image_path):
+def test_subprocess_run(checkpoint, reference, image_path):
     result = subprocess.run(
-        [sys.executable, "-m", "fastvlm_hf.cli", *predict_args(tiny_checkpoint_dir, image_path)],
-        capture_output=True, text=True, timeout=300, env={**os.environ, "HF_HUB_OFFLINE": "1"},
-    )
+        [sys.executable, "-m", "fastvlm_hf.cli", *predict_args(checkpoint, image_path)],
+        check=False, capture_output=True, text=True, timeout=300, env={**os.environ, "HF_HUB_OFFLINE": "1"},
+    )  # fmt: skip
     assert result.returncode == 0, result.stderr
-    assert result.stdout.strip() == expected_answer(tiny_checkpoint_dir, image_path, "Describe the image.", 6).strip()
+    assert result.stdout == expected_answer(reference, [image_path], PROMPT, 6) + "\n"
+
+
+def test_several_images_make_one_prompt(checkpoint, reference, image_path, other_image_path, capsys):
+    images = [image_path, other_image_path]
+    assert main(predict_args(checkpoint, image_path, "--image", str(other_image_path), "--json")) == 0
+    report = json.loads(capsys.readouterr().out)
+    expected_tokens = reference_inputs(reference[0], images, PROMPT)["input_ids"].shape[1]
+    assert report["timings"]["prompt_tokens"] == expected_tokens
+    assert report["text"] == expected_answer(reference, images, PROMPT, 6)
+    assert report["text"] != expected_answer(reference, [image_path], PROMPT, 6)
+    assert report["settings"]["images"] == [str(path) for path in images]
+
+
+def test_json_is_one_object_with_text_model_settings_and_timings(checkpoint, reference, image_path, capsys):
+    assert main(predict_args(checkpoint, image_path, "--json")) == 0
+    captured = capsys.readouterr()
+    assert len(captured.out.strip().splitlines()) == 1
+    report = json.loads(captured.out)
+    assert set(report) == {"text", "model", "settings", "timings"}
+    assert report["text"] == expected_answer(reference, [image_path], PROMPT, 6)
+    assert report["model"] == str(checkpoint)
+    assert report["settings"] == {
+        "images": [str(image_path)], "prompt": PROMPT, "system_prompt": None, "device": "cpu", "dtype": "float32",
+        "quantization": None, "max_new_tokens": 6, "temperature": 0.0, "top_p": None, "num_beams": 1,
+        "resolution": 128, "image_mode": "pad",
+    }  # fmt: skip
+    timings = report["timings"]
+    for key in ["preprocess_ms", "vision_ms", "prefill_ms", "ttft_ms", "decode_ms_per_token", "tokens_per_s"]:
+        assert isinstance(timings[key], float) and timings[key] > 0, key
+    assert timings["new_tokens"] == 6 and timings["prompt_tokens"] == reference_inputs(reference[0], [image_path], PROMPT)["input_ids"].shape[1]  # fmt: skip
+    assert timings["ttft_ms"] >= timings["vision_ms"] + timings["prefill_ms"]
+
+
+def test_stats_go_to_stderr_after_the_answer(checkpoint, reference, image_path, capsys):
+    assert main(predict_args(checkpoint, image_path, "--stats")) == 0
+    captured = capsys.readouterr()
+    assert captured.out == expected_answer(reference, [image_path], PROMPT, 6) + "\n"
+    stats = captured.err[captured.err.index("--- stats ---") :].splitlines()[1:]
+    assert [line.split("  ")[0] for line in stats] == STATS_LABELS
+    for line in stats:
+        assert re.search(r"\d+\.\d ms", line), line
+    assert "tokens/s (6 new tokens" in stats[-1]
+
+
+def test_system_prompt_and_beam_search(checkpoint, reference, image_path, capsys):
+    processor, model = reference
+    assert main(predict_args(checkpoint, image_path, "--system-prompt", "Answer briefly.", "--num-beams", "2")) == 0
+    messages = [{"role": "system", "content": [{"type": "text", "text": "Answer briefly."}]},
+                {"role": "user", "content": [{"type": "image", "image": Image.open(image_path)}, {"type": "text", "text": PROMPT}]}]  # fmt: skip
+    inputs = processor.apply_chat_template(messages, add_generation_prompt=True, tokenize=True, return_dict=True, return_tensors="pt")  # fmt: skip
+    with torch.no_grad():
+        output = model.generate(**inputs, max_new_tokens=6, do_sample=False, num_beams=2)
+    assert capsys.readouterr().out == processor.decode(output[0, inputs["input_ids"].shape[1] :], skip_special_tokens=True) + "\n"  # fmt: skip
+
+
+def test_resolution_and_image_mode_set_the_image_processor(checkpoint, reference, image_path, capsys):
+    assert main(predict_args(checkpoint, image_path, "--json", "--resolution", "192", "--image-mode", "crop")) == 0
+    report = json.loads(capsys.readouterr().out)
+    assert report["settings"]["resolution"] == 192 and report["settings"]["image_mode"] == "crop"
+    default_tokens = reference_inputs(reference[0], [image_path], PROMPT)["input_ids"].shape[1]
+    assert report["timings"]["prompt_tokens"] == default_tokens - 2 * 2 + 3 * 3  # 192 / 64 = 3 tokens a side
+
+
+@pytest.mark.parametrize(
+    "options,expected",
+    [
+        ([], {"max_new_tokens": 256, "do_sample": False}),
+        (["--temperature", "0", "--top-p", "0.9"], {"max_new_tokens": 256, "do_sample": False}),
+        (["--temperature", "0.7", "--top-p", "0.9"], {"max_new_tokens": 256, "do_sample": True, "temperature": 0.7, "top_p": 0.9}),
+        (["--num-beams", "3", "--max-new-tokens", "9"], {"max_new_tokens": 9, "do_sample": False, "num_beams": 3}),
+    ],
+)  # fmt: skip
+def test_temperature_zero_is_greedy_and_above_zero_samples(options, expected):
+    args = build_parser().parse_args(["predict", "--image", "x.png", "--prompt", "p", *options])
+    assert generation_kwargs(args) == expected
+
+
+def test_image_from_a_url(checkpoint, reference, image_path, capsys):
+    class QuietHandler(http.server.SimpleHTTPRequestHandler):
+        def __init__(self, *args, **kwargs):
+            super().__init__(*args, directory=str(image_path.parent), **kwargs)
+
+        def log_message(self, *args):
+            pass
+
+    server = http.server.ThreadingHTTPServer(("127.0.0.1", 0), QuietHandler)
+    threading.Thread(target=server.serve_forever, daemon=True).start()
+    try:
+        assert main(predict_args(checkpoint, f"http://127.0.0.1:{server.server_port}/{image_path.name}")) == 0
+    finally:
+        server.shutdown()
+    assert capsys.readouterr().out == expected_answer(reference, [image_path], PROMPT, 6) + "\n"
+
+
+# --------------------------------------------------------------------------------------------------
+# chat
+
+
+class Sessions:
+    """Records the chat sessions the CLI creates and counts the vision encoder's forward calls."""
+
+    def __init__(self, monkeypatch):
+        self.created = []
+        self.vision_calls = 0
+        self.positions_computed = 0  # sequence positions run through the model, over all forward calls
+        original_init, original_forward = ChatSession.__init__, FastViTHDModel.forward
+        original_model_forward = FastVLMModel.forward
+
+        def init(session, *args, **kwargs):
+            original_init(session, *args, **kwargs)
+            self.created.append(session)
+
+        def forward(module, *args, **kwargs):
+            self.vision_calls += 1
+            return original_forward(module, *args, **kwargs)
+
+        def model_forward(module, input_ids=None, *args, **kwargs):
+            self.positions_computed += input_ids.shape[1]
+            return original_model_forward(module, input_ids, *args, **kwargs)
+
+        monkeypatch.setattr(ChatSession, "__init__", init)
+        monkeypatch.setattr(FastVLMModel, "forward", model_forward)
+        monkeypatch.setattr(FastViTHDModel, "forward", forward)
+
+
+class TTYInput(io.StringIO):
+    def isatty(self):
+        return True
+
+
+def run_chat(monkeypatch, capsys, checkpoint, image_path, lines, stdin_class=io.StringIO, max_new_tokens=6):
+    monkeypatch.setattr(sys, "stdin", stdin_class("".join(f"{line}\n" for line in lines)))
+    status = main(["chat", *model_args(checkpoint), "--image", str(image_path), "--max-new-tokens", str(max_new_tokens)])  # fmt: skip
+    assert status == 0
+    return capsys.readouterr()
+
+
+def test_chat_encodes_the_image_once_and_continues_from_the_cache(checkpoint, reference, image_path, monkeypatch, capsys):
+    processor, model = reference
+    sessions = Sessions(monkeypatch)
+    captured = run_chat(monkeypatch, capsys, checkpoint, image_path, [PROMPT, "What colour is the square?"])
+    assert sessions.vision_calls == 1
+    session = sessions.created[0]
+    # Every position is computed once (the last generated token never is): the second turn ran only its new tokens.
+    assert sessions.positions_computed == session.input_ids.shape[1] - 1
+    first_answer = expected_answer(reference, [image_path], PROMPT, 6)
+    second_prompt = session.input_ids[:, : session.prompt_tokens]
+    with torch.no_grad():  # a fresh prefill of the whole conversation, image included, without any cache
+        fresh = model.generate(input_ids=second_prompt, attention_mask=torch.ones_like(second_prompt),
+                               pixel_values=reference_inputs(processor, [image_path], PROMPT)["pixel_values"],
+                               max_new_tokens=6, do_sample=False)  # fmt: skip
+    assert torch.equal(session.input_ids, fresh)
+    second_answer = processor.decode(fresh[0, session.prompt_tokens :], skip_special_tokens=True)
+    assert captured.out == f"{first_answer}\n{second_answer}\n"
+    assert "> " not in captured.err
+
+
+@pytest.mark.parametrize("ends_with_eos", [False, True])
+def test_chat_turns_follow_the_chat_template(reference, image_path, ends_with_eos):
+    """Each turn's token sequence reads as the chat template's rendering of the whole conversation, whether the last
+    answer ended with the end-of-turn token or was cut at max_new_tokens."""
+    processor, model = reference
+    kwargs = {"max_new_tokens": 3, "do_sample": False}
+    if ends_with_eos:
+        kwargs["forced_eos_token_id"] = processor.tokenizer.eos_token_id
+    session = ChatSession(model, processor, [Image.open(image_path)], kwargs)
+    session.ask(PROMPT)
+    first_prompt_tokens, first_end = session.prompt_tokens, session.input_ids.shape[1]
+    session.ask("And the colour?")
+    answer_ids = session.input_ids[0, first_prompt_tokens:first_end]
+    assert (answer_ids[-1] == processor.tokenizer.eos_token_id) == ends_with_eos
+    if ends_with_eos:  # the template writes the end of the answer itself
+        answer_ids = answer_ids[:-1]
+    messages = [
+        {"role": "user", "content": [{"type": "image"}, {"type": "text", "text": PROMPT}]},
+        {"role": "assistant", "content": [{"type": "text", "text": processor.decode(answer_ids)}]},
+        {"role": "user", "content": [{"type": "text", "text": "And the colour?"}]},
+    ]
+    rendered = processor.apply_chat_template(messages, add_generation_prompt=True, tokenize=False)
+    image_tokens = int((session.input_ids == processor.image_token_id).sum())
+    assert image_tokens > 0
+    expected = rendered.replace("<image>", "<image>" * image_tokens)
+    assert processor.decode(session.input_ids[0, : session.prompt_tokens]) == expected
+
+
+def test_chat_reset_and_image_commands(checkpoint, reference, image_path, other_image_path, monkeypatch, capsys):
+    sessions = Sessions(monkeypatch)
+    lines = [PROMPT, "/reset", PROMPT, f"/image {other_image_path}", PROMPT, "/exit", "never asked"]
+    captured = run_chat(monkeypatch, capsys, checkpoint, image_path, lines)
+    assert sessions.vision_calls == 2  # /reset reuses the cached image prefix; /image encodes the new image
+    first = expected_answer(reference, [image_path], PROMPT, 6)
+    other = expected_answer(reference, [other_image_path], PROMPT, 6)
+    assert first != other
+    assert captured.out == f"{first}\n{first}\n{other}\n"
+    assert "New conversation about the same image." in captured.err
+    assert f"New conversation about {other_image_path}." in captured.err
+
+
+def test_chat_bad_image_command_keeps_the_conversation(checkpoint, image_path, tmp_path, monkeypatch, capsys):
+    captured = run_chat(monkeypatch, capsys, checkpoint, image_path, [f"/image {tmp_path / 'missing.png'}", "/nonsense"])
+    assert "image not found" in captured.err and "Unknown command '/nonsense'" in captured.err
+    assert captured.out == ""
+
+
+def test_chat_prompts_only_when_a_person_types(checkpoint, image_path, monkeypatch, capsys):
+    captured = run_chat(monkeypatch, capsys, checkpoint, image_path, [PROMPT], stdin_class=TTYInput)
+    assert captured.err.count("> ") == 2 and "/reset" in captured.err  # the question, then the end of input
+    assert "> " not in captured.out
+
+
+def test_chat_subprocess_with_piped_questions(checkpoint, image_path, monkeypatch, capsys):
+    questions = [PROMPT, "What colour is the square?"]
+    in_process = run_chat(monkeypatch, capsys, checkpoint, image_path, questions).out
+    result = subprocess.run(
+        [sys.executable, "-m", "fastvlm_hf.cli", "chat", *model_args(checkpoint), "--image", str(image_path),
+         "--max-new-tokens", "6"],
+        input="\n".join(questions) + "\n", check=False, capture_output=True, text=True, timeout=300,
+        env={**os.environ, "HF_HUB_OFFLINE": "1"},
+    )  # fmt: skip
+    assert result.returncode == 0, result.stderr
+    assert result.stdout == in_process and len(in_process.strip()) > 0
+
+
+# --------------------------------------------------------------------------------------------------
+# bench
+
+
+def test_bench_prints_a_markdown_table(checkpoint, image_path, capsys):
+    args = ["bench", *model_args(checkpoint), "--image", str(image_path), "--repeats", "2", "--max-new-tokens", "3"]
+    assert main(args) == 0
+    out = capsys.readouterr().out
+    rows = [line for line in out.splitlines() if line.startswith("| ")]
+    assert rows[0] == "| phase | median | min | max |"
+    names = [row.split(" | ")[0].removeprefix("| ") for row in rows[1:]]
+    assert names == ["preprocessing (ms)", "vision encoder (ms)", "prefill (ms)", "TTFT (ms)", "decode (ms/token)",
+                     "decode (tokens/s)", "TTFT, follow-up chat turn (ms)"]  # fmt: skip
+    for row in rows[1:]:
+        median, low, high = (float(cell) for cell in row.strip("| ").split(" | ")[1:])
+        assert 0 < low <= median <= high, row
+    assert "2 runs" in out
+
+
+# --------------------------------------------------------------------------------------------------
+# Errors
 
 
 @pytest.mark.parametrize(
@@ -60,8 +365,8 @@ def test_subprocess_run(tiny_checkpoint_dir, image_path):
         (lambda tmp: (tmp / "notes.png").write_bytes(b"this is not a png") and tmp / "notes.png", "not an image file"),
     ],
 )
-def test_unusable_image_is_a_one_line_error(tiny_checkpoint_dir, tmp_path, capsys, make_image, message):
-    assert main(predict_args(tiny_checkpoint_dir, make_image(tmp_path))) == 1
+def test_unusable_image_is_a_one_line_error(checkpoint, tmp_path, capsys, make_image, message):
+    assert main(predict_args(checkpoint, make_image(tmp_path))) == 1
     err = capsys.readouterr().err
     assert message in err and "Traceback" not in err and len(err.strip().splitlines()) == 1
 
@@ -69,6 +374,60 @@ def test_unusable_image_is_a_one_line_error(tiny_checkpoint_dir, tmp_path, capsy
 def test_missing_model_folder_is_a_one_line_error(image_path, tmp_path, capsys):
     assert main(predict_args(tmp_path / "no-such-model", image_path)) == 1
     assert "model folder not found" in capsys.readouterr().err
+
+
+def test_unknown_repo_offline_says_how_to_get_the_model(image_path):
+    result = subprocess.run(
+        [sys.executable, "-m", "fastvlm_hf.cli", *predict_args("nobody/no-such-fastvlm", image_path)],
+        check=False, capture_output=True, text=True, timeout=300, env={**os.environ, "HF_HUB_OFFLINE": "1"},
+    )  # fmt: skip
+    assert result.returncode == 1
+    assert "Traceback" not in result.stderr
+    [line] = error_lines(result.stderr)
+    assert "'nobody/no-such-fastvlm' is not in the local Hugging Face cache" in line
+    assert "HF_HUB_OFFLINE" in line and "--model PATH" in line
+
+
+def test_a_repo_the_hub_does_not_know_is_reported_as_such():
+    from huggingface_hub.errors import RepositoryNotFoundError
+
+    not_found = RepositoryNotFoundError.__new__(RepositoryNotFoundError)
+    Exception.__init__(not_found, "404 Client Error. Repository Not Found")
+    error = OSError("nobody/x is not a local folder and is not a valid model identifier")
+    error.__cause__ = not_found
+    message = describe_load_error("nobody/x", error)
+    assert "neither a local folder nor a repo on the Hugging Face Hub" in message and "--model PATH" in message
+
+
+def test_cuda_requested_without_cuda(checkpoint, image_path, monkeypatch, capsys):
+    monkeypatch.setattr(torch.cuda, "is_available", lambda: False)
+    assert main(predict_args(checkpoint, image_path, "--device", "cuda")) == 1
+    err = capsys.readouterr().err
+    assert err.strip() == "fastvlm-hf: error: --device cuda was requested but no CUDA device is available; try --device cpu"  # fmt: skip
+
+
+@pytest.mark.parametrize("flag", ["--load-in-4bit", "--load-in-8bit"])
+def test_quantization_without_bitsandbytes(checkpoint, image_path, monkeypatch, capsys, flag):
+    monkeypatch.setitem(sys.modules, "bitsandbytes", None)  # makes `import bitsandbytes` fail
+    assert main(predict_args(checkpoint, image_path, flag)) == 1
+    err = capsys.readouterr().err
+    assert err.strip() == f"fastvlm-hf: error: {flag} needs bitsandbytes: pip install 'fastvlm-hf[bnb]'"
+
+
+def test_prompt_longer_than_the_context(checkpoint, image_path, capsys):
+    assert main(predict_args(checkpoint, image_path, prompt="cat " * 600)) == 1
+    err = capsys.readouterr().err
+    [line] = error_lines(err)
+    assert re.search(r"the prompt is \d+ tokens but the model's context holds 512", line)
+    assert "Traceback" not in err and err.strip().endswith(line)
+
+
+@pytest.mark.parametrize("resolution", ["100", "1000"])
+def test_resolution_must_be_a_multiple_of_64(checkpoint, image_path, capsys, resolution):
+    assert main(predict_args(checkpoint, image_path, "--resolution", resolution)) == 1
+    err = capsys.readouterr().err
+    assert err.strip().startswith(f"fastvlm-hf: error: --resolution {resolution} is not a multiple of 64")
+    assert len(err.strip().splitlines()) == 1
 
 
 def test_debug_shows_the_traceback(image_path, tmp_path):

@@ -1,0 +1,95 @@
+"""`fastvlm_hf.stats`: the phases of one generation, timed with hooks and a token streamer."""
+
+import time
+
+import pytest
+import torch
+from PIL import Image
+from transformers import Qwen2Config, Qwen2ForCausalLM
+
+from fastvlm_hf.stats import GenerationTimer, GenerationTimings, TokenClock, summarize
+
+VISION_DELAY_S = 1.0  # far above the tiny model's own prefill time, even on a busy machine
+
+
+@pytest.fixture(scope="module")
+def inputs(tiny_processor):
+    messages = [{"role": "user", "content": [{"type": "image", "image": Image.new("RGB", (100, 80), (200, 30, 30))},
+                                             {"type": "text", "text": "Describe the image."}]}]  # fmt: skip
+    return tiny_processor.apply_chat_template(messages, add_generation_prompt=True, tokenize=True, return_dict=True, return_tensors="pt")  # fmt: skip
+
+
+class Recorder:
+    def __init__(self):
+        self.values = []
+        self.ended = False
+
+    def put(self, value):
+        self.values.append(value)
+
+    def end(self):
+        self.ended = True
+
+
+def test_token_clock_times_new_tokens_and_forwards_everything():
+    inner = Recorder()
+    clock = TokenClock(inner)
+    for value in [torch.tensor([[1, 2, 3]]), torch.tensor([4]), torch.tensor([5])]:
+        clock.put(value)
+    clock.end()
+    assert len(clock.token_times) == 2  # the prompt is not a generated token
+    assert len(inner.values) == 3 and inner.ended
+
+
+def test_vision_time_is_measured_and_left_out_of_prefill(tiny_model, tiny_processor, inputs, monkeypatch):
+    tower = tiny_model.model.vision_tower
+    original_forward = tower.forward
+
+    def slow_forward(*args, **kwargs):
+        time.sleep(VISION_DELAY_S)
+        return original_forward(*args, **kwargs)
+
+    monkeypatch.setattr(tower, "forward", slow_forward)
+    timer = GenerationTimer(tiny_model)
+    with timer:
+        with timer.preprocessing():
+            time.sleep(0.05)
+        output = tiny_model.generate(**inputs, max_new_tokens=4, min_new_tokens=4, do_sample=False, streamer=timer.streamer)
+    timings = timer.timings(prompt_tokens=inputs["input_ids"].shape[1])
+
+    assert output.shape[1] - inputs["input_ids"].shape[1] == timings.new_tokens == 4
+    assert timings.preprocess_s >= 0.05
+    assert VISION_DELAY_S <= timings.vision_s < VISION_DELAY_S + 5
+    assert 0 < timings.prefill_s < VISION_DELAY_S
+    assert timings.ttft_s >= timings.preprocess_s + timings.vision_s + timings.prefill_s
+    assert timings.decode_s > 0 and timings.decode_ms_per_token == pytest.approx(1000 * timings.decode_s / 3)
+    assert not timer._handles  # the hooks are gone after the block
+
+
+def test_a_model_without_vision_tower_gets_no_vision_time():
+    config = Qwen2Config(vocab_size=64, hidden_size=32, intermediate_size=64, num_hidden_layers=1, num_attention_heads=2,
+                         num_key_value_heads=1, max_position_embeddings=64)  # fmt: skip
+    model = Qwen2ForCausalLM(config).eval()
+    timer = GenerationTimer(model)
+    with timer:
+        model.generate(torch.tensor([[1, 2, 3]]), max_new_tokens=3, min_new_tokens=3, do_sample=False,
+                       streamer=timer.streamer, pad_token_id=0)  # fmt: skip
+    timings = timer.timings()
+    assert timings.vision_s is None and timings.preprocess_s is None
+    assert timings.prefill_s > 0 and timings.new_tokens == 3
+
+
+def test_timings_as_milliseconds():
+    timings = GenerationTimings(preprocess_s=0.01, vision_s=0.02, prefill_s=0.03, ttft_s=0.07, decode_s=0.5,
+                                prompt_tokens=20, new_tokens=11)  # fmt: skip
+    assert timings.as_dict() == {
+        "preprocess_ms": 10.0, "vision_ms": 20.0, "prefill_ms": 30.0, "ttft_ms": 70.0,
+        "decode_ms_per_token": 50.0, "tokens_per_s": 20.0, "prompt_tokens": 20, "new_tokens": 11,
+    }  # fmt: skip
+    single_token = GenerationTimings(None, None, None, 0.07, 0.0, 20, 1)
+    assert single_token.decode_ms_per_token is None and single_token.tokens_per_s is None
+
+
+def test_summarize_skips_unmeasured_values():
+    assert summarize([3.0, None, 1.0, 2.0]) == (2.0, 1.0, 3.0)
+    assert summarize([None, None]) is None
