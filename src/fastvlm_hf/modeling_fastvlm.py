@@ -167,26 +167,33 @@ class FastVLMModel(FastVLMPreTrainedModel):
         return is_image_token.unsqueeze(-1).expand_as(inputs_embeds).to(inputs_embeds.device)
 
     def images_to_encode(
-        self, pixel_values: torch.Tensor | None, is_image_token: torch.Tensor, past_key_values: Cache | None
+        self,
+        pixel_values: torch.Tensor | None,
+        input_ids: torch.LongTensor | None,
+        inputs_embeds: torch.Tensor,
+        past_key_values: Cache | None,
     ) -> torch.Tensor | None:
-        """The images whose tokens are in this forward's input (`is_image_token`, batch × sequence).
+        """The images whose tokens are in this forward's input.
 
         A follow-up chat turn that continues from a cache feeds only its new tokens: the cache already holds the
         earlier images, so their pixels, which a processor run on the whole conversation passes again, are not
         encoded a second time. Only images at the end of the list can be new, which is unambiguous for a single
         sequence; a batch can only drop all of its images.
         """
-        num_image_tokens = int(is_image_token.sum())
         cached_length = past_key_values.get_seq_length() if isinstance(past_key_values, Cache) else 0
         if pixel_values is None:
-            if num_image_tokens and not cached_length:
-                raise ValueError(
-                    f"The input has {num_image_tokens} image tokens but no `pixel_values`: pass the images that the "
-                    "prompt's `<image>` placeholders stand for (the processor returns both)."
-                )
+            if not cached_length:  # decoding steps skip this check (and its device sync)
+                num_image_tokens = int(self.image_token_mask(input_ids, inputs_embeds).sum())
+                if num_image_tokens:
+                    raise ValueError(
+                        f"The input has {num_image_tokens} image tokens but no `pixel_values`: pass the images that "
+                        "the prompt's `<image>` placeholders stand for (the processor returns both)."
+                    )
             return None
         if not cached_length:
             return pixel_values
+        is_image_token = self.image_token_mask(input_ids, inputs_embeds)
+        num_image_tokens = int(is_image_token.sum())
         if not num_image_tokens:
             return None
         patch_size = self.config.vision_config.patch_size
@@ -218,9 +225,7 @@ class FastVLMModel(FastVLMPreTrainedModel):
             inputs_embeds = self.get_input_embeddings()(input_ids)
 
         image_features = None
-        pixel_values = self.images_to_encode(
-            pixel_values, self.image_token_mask(input_ids, inputs_embeds), past_key_values
-        )
+        pixel_values = self.images_to_encode(pixel_values, input_ids, inputs_embeds, past_key_values)
         if pixel_values is not None:
             image_features = self.get_image_features(pixel_values).to(inputs_embeds.device, inputs_embeds.dtype)
             image_mask = self.get_placeholder_mask(input_ids, inputs_embeds, image_features)
