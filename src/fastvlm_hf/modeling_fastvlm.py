@@ -91,14 +91,17 @@ class FastVLMPreTrainedModel(PreTrainedModel):
         """
         kwargs = quantization.with_unquantized_modules(cls, pretrained_model_name_or_path, kwargs)
         if "key_mapping" in kwargs:  # the caller's own renaming
-            return super().from_pretrained(pretrained_model_name_or_path, *model_args, **kwargs)
+            loaded = super().from_pretrained(pretrained_model_name_or_path, *model_args, **kwargs)
+            return quantization.keep_standard_4bit_layout(loaded)
         key_mapping = checkpoints.key_mapping_for(pretrained_model_name_or_path, **kwargs)
         if key_mapping is None:
-            return super().from_pretrained(pretrained_model_name_or_path, *model_args, **kwargs)
+            loaded = super().from_pretrained(pretrained_model_name_or_path, *model_args, **kwargs)
+            return quantization.keep_standard_4bit_layout(loaded)
         output_loading_info = kwargs.pop("output_loading_info", False)
         # Misshapen weights are let through to be reported with the rest by `check_loading_info`.
         kwargs.update(key_mapping=key_mapping, output_loading_info=True, ignore_mismatched_sizes=True)
         model, loading_info = super().from_pretrained(pretrained_model_name_or_path, *model_args, **kwargs)
+        quantization.keep_standard_4bit_layout(model)
         checkpoints.check_loading_info(model, loading_info, pretrained_model_name_or_path)
         if model.config.tie_word_embeddings:
             # Apple's checkpoints store the output embedding even when their config ties it; like Apple's loader, we
