@@ -277,6 +277,15 @@ def test_native_checkpoint_in_4bit_keeps_the_vision_tower(tmp_path, apple_tokeni
 # Device maps
 
 
+DISK_OFFLOAD_ON_4_57 = pytest.mark.xfail(
+    int(transformers.__version__.split(".")[0]) < 5,
+    reason="transformers 4.57 puts the tied lm_head on disk without its weight (KeyError 'lm_head.weight'), and cannot "
+    "load the first module straight to disk ('device disk is invalid')",
+    strict=True,
+)
+
+
+@DISK_OFFLOAD_ON_4_57
 def test_device_map_offloads_the_language_model_to_disk_and_generates(quant_dir, quant_model, tmp_path):
     layer_bytes = sum(p.numel() * p.element_size() for p in quant_model.model.language_model.layers[0].parameters())
     total_bytes = sum(p.numel() * p.element_size() for p in quant_model.parameters())
@@ -288,6 +297,7 @@ def test_device_map_offloads_the_language_model_to_disk_and_generates(quant_dir,
     assert torch.equal(greedy(model), greedy(quant_model))
 
 
+@DISK_OFFLOAD_ON_4_57
 def test_device_map_never_splits_the_vision_tower(quant_dir, quant_model, tmp_path):
     vision_bytes = sum(p.numel() * p.element_size() for p in quant_model.model.vision_tower.parameters())
     model = load(quant_dir, device_map="auto", max_memory={"cpu": vision_bytes // 2}, offload_folder=str(tmp_path))
