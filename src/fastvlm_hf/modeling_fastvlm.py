@@ -12,7 +12,7 @@ from transformers.activations import ACT2FN
 from transformers.cache_utils import Cache
 from transformers.modeling_outputs import BaseModelOutputWithPast, ModelOutput
 
-from . import checkpoints
+from . import checkpoints, quantization
 from .compat import is_first_generation_step, own_layout_save_kwargs, tied_weights_keys, weight_init
 from .configuration_fastvlm import FastVLMConfig
 from .modeling_fastvithd import FastViTHDModel
@@ -74,6 +74,9 @@ class FastVLMPreTrainedModel(PreTrainedModel):
     _supports_flex_attn = True
     _supports_attention_backend = True
     _keys_to_ignore_on_load_unexpected = [re.escape(key) for key in checkpoints.UNUSED_KEYS[checkpoints.APPLE]]
+    # Modules bitsandbytes leaves in the compute dtype (see `quantization.py`): full dotted names, which every
+    # supported transformers version matches the same way.
+    _unquantized_modules: tuple[str, ...] = ()
 
     @classmethod
     def from_pretrained(cls, pretrained_model_name_or_path, *model_args, **kwargs):
@@ -82,16 +85,23 @@ class FastVLMPreTrainedModel(PreTrainedModel):
         and transformers' native one (`model_type: "fast_vlm"`). The weights of the last two are renamed while they
         load (`checkpoints.key_mapping`), and they must then fill the model exactly: any missing, unexpected or
         misshapen weight raises a `ValueError` that names it, instead of leaving randomly initialised weights behind.
+
+        With a bitsandbytes `quantization_config`, only the language model's linear layers are quantized: the vision
+        tower, the projector and the output head stay in the compute dtype, whatever `llm_int8_skip_modules` says.
         """
+        kwargs = quantization.with_unquantized_modules(cls, pretrained_model_name_or_path, kwargs)
         if "key_mapping" in kwargs:  # the caller's own renaming
-            return super().from_pretrained(pretrained_model_name_or_path, *model_args, **kwargs)
+            loaded = super().from_pretrained(pretrained_model_name_or_path, *model_args, **kwargs)
+            return quantization.keep_standard_4bit_layout(loaded)
         key_mapping = checkpoints.key_mapping_for(pretrained_model_name_or_path, **kwargs)
         if key_mapping is None:
-            return super().from_pretrained(pretrained_model_name_or_path, *model_args, **kwargs)
+            loaded = super().from_pretrained(pretrained_model_name_or_path, *model_args, **kwargs)
+            return quantization.keep_standard_4bit_layout(loaded)
         output_loading_info = kwargs.pop("output_loading_info", False)
         # Misshapen weights are let through to be reported with the rest by `check_loading_info`.
         kwargs.update(key_mapping=key_mapping, output_loading_info=True, ignore_mismatched_sizes=True)
         model, loading_info = super().from_pretrained(pretrained_model_name_or_path, *model_args, **kwargs)
+        quantization.keep_standard_4bit_layout(model)
         checkpoints.check_loading_info(model, loading_info, pretrained_model_name_or_path)
         if model.config.tie_word_embeddings:
             # Apple's checkpoints store the output embedding even when their config ties it; like Apple's loader, we
@@ -119,6 +129,8 @@ class FastVLMModel(FastVLMPreTrainedModel):
     FastVLM without a language-model head: encodes images, projects them, writes them into the text embeddings
     at the image-token positions and runs the language model.
     """
+
+    _unquantized_modules = ("vision_tower", "multi_modal_projector")
 
     def __init__(self, config: FastVLMConfig):
         super().__init__(config)
@@ -272,6 +284,7 @@ class FastVLMForConditionalGeneration(FastVLMPreTrainedModel, GenerationMixin):
     ```"""
 
     _tied_weights_keys = tied_weights_keys({"lm_head.weight": "model.language_model.embed_tokens.weight"})
+    _unquantized_modules = ("model.vision_tower", "model.multi_modal_projector", "lm_head")
 
     def __init__(self, config: FastVLMConfig):
         super().__init__(config)
