@@ -303,4 +303,5 @@ def test_device_map_never_splits_the_vision_tower(quant_dir, quant_model, tmp_pa
     model = load(quant_dir, device_map="auto", max_memory={"cpu": vision_bytes // 2}, offload_folder=str(tmp_path))
     assert "disk" in model.hf_device_map.values()
     assert not [name for name in model.hf_device_map if name.startswith("model.vision_tower.")]
-    assert torch.equal(logits(model), logits(quant_model))
+    # An offloaded tower runs its BatchNorms unfolded: the same values up to rounding.
+    torch.testing.assert_close(logits(model), logits(quant_model), rtol=1e-5, atol=1e-5)

@@ -110,7 +110,8 @@ class FastViTHDConvNorm(nn.Module):
         return weight.to(dtype), bias.to(dtype)
 
     def forward(self, hidden_states: torch.Tensor) -> torch.Tensor:
-        if self.training or not self.bn.track_running_stats:
+        # Weights offloaded by accelerate are only loaded when their own module runs: no folding then.
+        if self.training or not self.bn.track_running_stats or self.conv.weight.is_meta:
             return self.bn(self.conv(hidden_states))
         weight, bias = self.folded_weight_and_bias()
         conv = self.conv
@@ -132,17 +133,13 @@ class FastViTHDConvMlp(nn.Module):
 
 
 class FastViTHDLayerScale(nn.Module):
-    """Per-channel scale of a residual branch."""
+    """A residual connection whose branch is scaled per channel: `residual + gamma * branch`, in one pass."""
 
     def __init__(self, channels: int, init_value: float):
         super().__init__()
         self.gamma = nn.Parameter(torch.full((channels, 1, 1), init_value))
 
-    def forward(self, hidden_states: torch.Tensor) -> torch.Tensor:
-        return hidden_states * self.gamma
-
-    def add_to(self, residual: torch.Tensor, branch: torch.Tensor) -> torch.Tensor:
-        """`residual + gamma * branch` in one pass over memory."""
+    def forward(self, residual: torch.Tensor, branch: torch.Tensor) -> torch.Tensor:
         return torch.addcmul(residual, self.gamma, branch)
 
 
@@ -194,7 +191,7 @@ class FastViTHDRepMixerBlock(nn.Module):
 
     def forward(self, hidden_states: torch.Tensor) -> torch.Tensor:
         hidden_states = self.token_mixer(hidden_states)
-        return self.layer_scale.add_to(hidden_states, self.mlp(hidden_states))
+        return self.layer_scale(hidden_states, self.mlp(hidden_states))
 
 
 class FastViTHDAttentionBlock(nn.Module):
@@ -209,8 +206,8 @@ class FastViTHDAttentionBlock(nn.Module):
         self.layer_scale_2 = FastViTHDLayerScale(channels, config.layer_scale_init_value)
 
     def forward(self, hidden_states: torch.Tensor) -> torch.Tensor:
-        hidden_states = self.layer_scale_1.add_to(hidden_states, self.token_mixer(self.norm(hidden_states)))
-        return self.layer_scale_2.add_to(hidden_states, self.mlp(hidden_states))
+        hidden_states = self.layer_scale_1(hidden_states, self.token_mixer(self.norm(hidden_states)))
+        return self.layer_scale_2(hidden_states, self.mlp(hidden_states))
 
 
 class FastViTHDPatchEmbed(nn.Module):
