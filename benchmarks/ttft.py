@@ -7,8 +7,8 @@ the same random weights (converted by fastvlm_hf's key map), in one process, run
 
 One prompt: an image and "Describe the image in detail." through the chat template, as `fastvlm-hf predict` builds
 it (256 image tokens at 1024 px, 282 tokens in all). The tokenizer is a small byte-level BPE trained here, offline, on
-the prompt's words; it splits the prompt into as many tokens as Qwen2's does. The models keep Qwen2's real vocabulary
-size.
+the prompt's words: one token per word or punctuation mark, as Qwen2's vocabulary has for these common words. The
+models keep Qwen2's real vocabulary size.
 
 - TTFT: each side's processor on the image and chat, then `generate(max_new_tokens=1)`.
 - Decode: `(t(generate N+1) - t(generate 1)) / N` with `min_new_tokens` so that nothing stops early.
@@ -124,7 +124,10 @@ def build_tokenizer() -> PreTrainedTokenizerFast:
     bpe.pre_tokenizer = pre_tokenizers.ByteLevel(add_prefix_space=False)
     bpe.decoder = decoders.ByteLevel()
     trainer = trainers.BpeTrainer(
-        vocab_size=400, special_tokens=SPECIAL_TOKENS, initial_alphabet=pre_tokenizers.ByteLevel.alphabet()
+        vocab_size=400,
+        special_tokens=SPECIAL_TOKENS,
+        initial_alphabet=pre_tokenizers.ByteLevel.alphabet(),
+        show_progress=False,
     )
     bpe.train_from_iterator(corpus * 10, trainer)
     return PreTrainedTokenizerFast(tokenizer_object=bpe, eos_token="<|im_end|>", pad_token="<|endoftext|>")

@@ -14,6 +14,7 @@ import argparse
 import copy
 import os
 import sys
+import warnings
 from typing import Any
 
 import _torchvision_shim  # noqa: F401  (first: before anything imports torchvision)
@@ -160,9 +161,21 @@ def _forward_flops(meta_model, ours, side: int, batch: int, device: str) -> int:
             return count_flops(lambda: model(torch.rand(batch, 3, side, side, device=device)))[0]
 
 
+def warm_up_compiler() -> None:
+    """Pays the compiler's one-off start-up (imports, caches) on a toy function, so that it does not land on the first
+    side to compile."""
+    torch.compile(lambda x: x * 2 + 1, fullgraph=True)(torch.ones(8))
+
+
 def maybe_compile(ours: torch.nn.Module, peer: torch.nn.Module, enabled: bool):
     if not enabled:
         return ours, peer
+    import torch._inductor.config as inductor_config
+
+    # Cold compiles, as on a first run: with the on-disk caches, compile time depends on what ran before.
+    inductor_config.force_disable_caches = True
+    warnings.filterwarnings("ignore", message="dynamo_pgo force disabled")  # says just that, once
+    warm_up_compiler()
     # One graph per input shape (dynamic=False): each resolution is compiled for itself, on both sides.
     return torch.compile(ours, fullgraph=True, dynamic=False), torch.compile(peer, dynamic=False)
 
