@@ -1,0 +1,485 @@
+"""Time to first token, decode speed, second-turn TTFT and peak memory of FastVLM: fastvlm_hf's
+`FastVLMForConditionalGeneration` against transformers' own `FastVlmForConditionalGeneration` (5.x, timm inside), on
+the same random weights (converted by fastvlm_hf's key map), in one process, runs interleaved.
+
+    python benchmarks/ttft.py --output results/ttft.json
+    python benchmarks/ttft.py --sizes tiny --resolution 256 --repeats 1 --decode-repeats 1 --new-tokens 8   # smoke
+
+One prompt: an image and "Describe the image in detail." through the chat template, as `fastvlm-hf predict` builds
+it (256 image tokens at 1024 px, 282 tokens in all). The tokenizer is a small byte-level BPE trained here, offline, on
+the prompt's words: one token per word or punctuation mark, as Qwen2's vocabulary has for these common words. The
+models keep Qwen2's real vocabulary size.
+
+- TTFT: each side's processor on the image and chat, then `generate(max_new_tokens=1)`.
+- Decode: `(t(generate N+1) - t(generate 1)) / N` with `min_new_tokens` so that nothing stops early.
+- Second turn: the answer to the first (`--answer-tokens`) and a new user question appended, generation continuing
+  from the first turn's `DynamicCache` without `pixel_values`.
+- Floor: the FLOPs one TTFT run executes (FlopCounterMode on an untimed run) over the best rate of a large
+  `torch.mm` in the same dtype measured in the same run.
+- Peak memory: one child process per model (CPU: resident-set high-water mark; CUDA: peak allocated).
+"""
+
+from __future__ import annotations
+
+import argparse
+import copy
+import gc
+import json
+import subprocess
+import sys
+from functools import partial
+from pathlib import Path
+from typing import Any
+
+import _torchvision_shim  # noqa: F401  (first: before anything imports torchvision)
+import torch
+import transformers
+from common import (
+    DTYPES,
+    REPO,
+    Stats,
+    add_common_arguments,
+    configure_torch,
+    count_flops,
+    default_dtype,
+    describe_machine,
+    gib,
+    give_fastvithd_working_weights,
+    interleave,
+    log,
+    machine_line,
+    markdown_table,
+    matmul_flops_per_second,
+    parse_dtypes,
+    parse_list,
+    peak_memory_bytes,
+    reset_peak_memory,
+    write_results,
+)
+from PIL import Image
+from tokenizers import Tokenizer, decoders, models, pre_tokenizers, trainers
+from transformers import CLIPImageProcessor, DynamicCache, LlavaProcessor, PreTrainedTokenizerFast
+
+from fastvlm_hf import (
+    FastVLMConfig,
+    FastVLMForConditionalGeneration,
+    FastVLMImageProcessor,
+    FastVLMProcessor,
+    checkpoints,
+)
+from fastvlm_hf.processing_fastvlm import DEFAULT_CHAT_TEMPLATE
+
+QWEN2 = {"model_type": "qwen2", "rope_theta": 1000000.0, "rms_norm_eps": 1e-6, "max_position_embeddings": 32768}
+SIZES = {  # the language models of FastVLM-0.5B, -1.5B and -7B (Qwen2), and a tiny one for smoke runs
+    "tiny": {"hidden_size": 128, "num_hidden_layers": 2, "num_attention_heads": 4, "num_key_value_heads": 2,
+             "intermediate_size": 256, "vocab_size": 151936, "tie_word_embeddings": True},
+    "0.5b": {"hidden_size": 896, "num_hidden_layers": 24, "num_attention_heads": 14, "num_key_value_heads": 2,
+             "intermediate_size": 4864, "vocab_size": 151936, "tie_word_embeddings": True},
+    "1.5b": {"hidden_size": 1536, "num_hidden_layers": 28, "num_attention_heads": 12, "num_key_value_heads": 2,
+             "intermediate_size": 8960, "vocab_size": 151936, "tie_word_embeddings": True},
+    "7b": {"hidden_size": 3584, "num_hidden_layers": 28, "num_attention_heads": 28, "num_key_value_heads": 4,
+           "intermediate_size": 18944, "vocab_size": 152064, "tie_word_embeddings": False},
+}  # fmt: skip
+SPECIAL_TOKENS = ["<|endoftext|>", "<|im_start|>", "<|im_end|>", "<image>"]
+PROMPT = "Describe the image in detail."
+FOLLOW_UP = "What colour is the roof of the house?"
+# The ChatML between the first answer and the second one: the end of the answer's turn and the next user turn.
+FOLLOW_UP_TURN = f"<|im_end|>\n<|im_start|>user\n{FOLLOW_UP}<|im_end|>\n<|im_start|>assistant\n"
+DEFAULT_IMAGE = REPO / "examples" / "house.png"
+SIDES = ("ours", "native")
+
+
+def parse_arguments(argv: list[str] | None = None) -> argparse.Namespace:
+    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser.add_argument(
+        "--sizes", default="0.5b,1.5b", help=f"comma-separated, from {', '.join(SIZES)} (default: 0.5b,1.5b)"
+    )
+    parser.add_argument("--dtypes", type=parse_dtypes, default=["bf16", "fp32"], help="default: bf16,fp32")
+    parser.add_argument("--layers", type=int, help="override the language model's number of layers (smoke runs)")
+    parser.add_argument("--resolution", type=int, default=1024, help="image side in pixels (default: 1024)")
+    parser.add_argument("--image", type=Path, default=DEFAULT_IMAGE, help="default: examples/house.png")
+    parser.add_argument("--repeats", type=int, default=3, help="timed TTFT runs of each side (default: 3)")
+    parser.add_argument("--decode-repeats", type=int, default=2, help="timed N+1-token generations (default: 2)")
+    parser.add_argument("--new-tokens", type=int, default=64, help="N, the decoded tokens timed (default: 64)")
+    parser.add_argument("--answer-tokens", type=int, default=16, help="length of the first answer (default: 16)")
+    parser.add_argument("--memory", action=argparse.BooleanOptionalAction, default=True, help="measure peak memory")
+    parser.add_argument("--memory-probe", choices=SIDES, help=argparse.SUPPRESS)  # the child process of --memory
+    add_common_arguments(parser)
+    args = parser.parse_args(argv)
+    args.sizes = parse_list(args.sizes)
+    unknown = [size for size in args.sizes if size not in SIZES]
+    if unknown:
+        parser.error(f"unknown size(s) {unknown}; choose from {', '.join(SIZES)}")
+    return args
+
+
+# ----------------------------------------------------------------------------------------------------------------------
+# Inputs
+
+
+def build_tokenizer() -> PreTrainedTokenizerFast:
+    """A byte-level BPE with Qwen2's special tokens that knows the prompt's words."""
+    corpus = [PROMPT, FOLLOW_UP, "You are a helpful assistant.", "system", "user", "assistant"]
+    bpe = Tokenizer(models.BPE())
+    bpe.pre_tokenizer = pre_tokenizers.ByteLevel(add_prefix_space=False)
+    bpe.decoder = decoders.ByteLevel()
+    trainer = trainers.BpeTrainer(
+        vocab_size=400,
+        special_tokens=SPECIAL_TOKENS,
+        initial_alphabet=pre_tokenizers.ByteLevel.alphabet(),
+        show_progress=False,
+    )
+    bpe.train_from_iterator(corpus * 10, trainer)
+    return PreTrainedTokenizerFast(tokenizer_object=bpe, eos_token="<|im_end|>", pad_token="<|endoftext|>")
+
+
+def build_processors(tokenizer, side: int) -> dict[str, Any]:
+    """Ours (Apple's padding) and the `LlavaProcessor` transformers' native checkpoints carry (CLIP crop), with one
+    tokenizer and one chat template."""
+    ours = FastVLMProcessor(image_processor=FastVLMImageProcessor(size=side), tokenizer=tokenizer)
+    clip = CLIPImageProcessor(
+        size={"shortest_edge": side},
+        crop_size={"height": side, "width": side},
+        image_mean=[0.0, 0.0, 0.0],
+        image_std=[1.0, 1.0, 1.0],
+    )
+    native = LlavaProcessor(
+        image_processor=clip,
+        tokenizer=tokenizer,
+        patch_size=ours.image_processor.patch_size,
+        vision_feature_select_strategy="full",
+        chat_template=DEFAULT_CHAT_TEMPLATE,
+    )
+    return {"ours": ours, "native": native}
+
+
+def load_image(path: Path) -> Image.Image:
+    with Image.open(path) as image:
+        return image.convert("RGB")
+
+
+def chat_inputs(processor, image: Image.Image, device: str) -> dict[str, torch.Tensor]:
+    content = [{"type": "image", "image": image}, {"type": "text", "text": PROMPT}]
+    inputs = processor.apply_chat_template(
+        [{"role": "user", "content": content}],
+        add_generation_prompt=True,
+        tokenize=True,
+        return_dict=True,
+        return_tensors="pt",
+    )
+    return inputs.to(device)
+
+
+# ----------------------------------------------------------------------------------------------------------------------
+# Models
+
+
+def fastvlm_config(size: str, args: argparse.Namespace, tokenizer) -> FastVLMConfig:
+    text_config = {**QWEN2, **SIZES[size]}
+    if args.layers:
+        text_config["num_hidden_layers"] = args.layers
+    return FastVLMConfig(
+        vision_config={"image_size": args.resolution},
+        text_config=text_config,
+        image_token_id=tokenizer.convert_tokens_to_ids("<image>"),
+        tie_word_embeddings=text_config["tie_word_embeddings"],
+    )
+
+
+def build_ours(config: FastVLMConfig, dtype: torch.dtype, device: str, seed: int) -> FastVLMForConditionalGeneration:
+    """Random weights, built directly in `dtype` on `device`; not yet in eval mode."""
+    torch.manual_seed(seed)
+    with torch.device(device), default_dtype(dtype):
+        model = FastVLMForConditionalGeneration(config)
+    give_fastvithd_working_weights(model.model.vision_tower, seed)
+    return model
+
+
+def build_native(config: FastVLMConfig, dtype: torch.dtype, device: str, ours=None) -> torch.nn.Module:
+    """transformers' `FastVlmForConditionalGeneration` for `config`, with the weights of `ours` when given."""
+    native_config = transformers.FastVlmConfig(**checkpoints.transformers_config_kwargs(config))
+    with torch.device(device), default_dtype(dtype):
+        native = transformers.FastVlmForConditionalGeneration(native_config)
+    if ours is not None:
+        native.load_state_dict(checkpoints.from_fastvlm_state_dict(ours.state_dict(), checkpoints.TRANSFORMERS))
+    return native
+
+
+def generation_kwargs(tokenizer) -> dict[str, Any]:
+    return {
+        "do_sample": False,
+        "eos_token_id": tokenizer.convert_tokens_to_ids("<|im_end|>"),
+        "pad_token_id": tokenizer.pad_token_id,
+    }
+
+
+class Side:
+    """One model with its processor: the calls the benchmark times."""
+
+    def __init__(self, model, processor, image: Image.Image, device: str, generate_kwargs: dict[str, Any]):
+        self.model, self.processor, self.image, self.device = model, processor, image, device
+        self.generate_kwargs = generate_kwargs
+
+    def inputs(self) -> dict[str, torch.Tensor]:
+        return chat_inputs(self.processor, self.image, self.device)
+
+    def generate(self, new_tokens: int, **kwargs):
+        kwargs = {**self.generate_kwargs, "max_new_tokens": new_tokens, "min_new_tokens": new_tokens, **kwargs}
+        return self.model.generate(**self.inputs(), **kwargs)
+
+    def first_turn(self, answer_tokens: int) -> tuple[torch.Tensor, DynamicCache]:
+        """The first turn's tokens (prompt and answer) and the cache it leaves."""
+        output = self.generate(answer_tokens, past_key_values=DynamicCache(), return_dict_in_generate=True)
+        return output.sequences, output.past_key_values
+
+    def second_turn(self, first_turn_ids: torch.Tensor, cache: DynamicCache):
+        tokenizer = self.processor.tokenizer
+        follow_up = tokenizer(FOLLOW_UP_TURN, add_special_tokens=False, return_tensors="pt").input_ids
+        input_ids = torch.cat([first_turn_ids, follow_up.to(self.device)], dim=1)
+        kwargs = {**self.generate_kwargs, "max_new_tokens": 1, "min_new_tokens": 1}
+        return self.model.generate(
+            input_ids=input_ids, attention_mask=torch.ones_like(input_ids), past_key_values=cache, **kwargs
+        )
+
+
+# ----------------------------------------------------------------------------------------------------------------------
+# Measurements
+
+
+def measure(sides: dict[str, Side], args: argparse.Namespace) -> dict[str, Any]:
+    """Everything timed for one (size, dtype), both sides interleaved."""
+    device = args.device
+    prompt_tokens = {name: side.inputs()["input_ids"].shape[1] for name, side in sides.items()}
+    if len(set(prompt_tokens.values())) != 1:
+        sys.exit(f"the two processors build prompts of different lengths: {prompt_tokens}")
+    log("  FLOPs of one TTFT run")
+    flops = {name: count_flops(partial(side.generate, 1))[0] for name, side in sides.items()}
+    log("  preprocessing")
+    preprocess_runs = {name: side.inputs for name, side in sides.items()}
+    preprocess = interleave(preprocess_runs, device, warmup=1, repeats=max(args.repeats, 5))
+    log("  TTFT")
+    ttft_runs = {name: partial(side.generate, 1) for name, side in sides.items()}
+    ttft = interleave(ttft_runs, device, warmup=args.warmup, repeats=args.repeats)
+    log("  second turn")
+    first_turns = {name: side.first_turn(args.answer_tokens) for name, side in sides.items()}  # also warms decoding
+    turn2_runs = {name: partial(side.second_turn, first_turns[name][0]) for name, side in sides.items()}
+    fresh_caches = {name: partial(copy.deepcopy, first_turns[name][1]) for name in sides}  # generate extends a cache
+    turn2 = interleave(turn2_runs, device, warmup=1, repeats=args.repeats, prepare=fresh_caches)
+    log(f"  {args.new_tokens + 1}-token generations")
+    decode_runs = {name: partial(side.generate, args.new_tokens + 1) for name, side in sides.items()}
+    decode = interleave(decode_runs, device, warmup=0, repeats=args.decode_repeats)
+    return {
+        "prompt_tokens": prompt_tokens["ours"],
+        "flops": flops,
+        "preprocess_s": preprocess.samples,
+        "ttft_s": ttft.samples,
+        "generate_n_plus_1_s": decode.samples,
+        "turn2_ttft_s": turn2.samples,
+    }
+
+
+def decode_seconds_per_token(generate_samples: list[float], ttft_median: float, new_tokens: int) -> Stats:
+    return Stats.of([(seconds - ttft_median) / new_tokens for seconds in generate_samples])
+
+
+def summarize(raw: dict[str, Any], floor_rate: float, new_tokens: int) -> dict[str, Any]:
+    """Medians and ratios of one (size, dtype) from its samples."""
+    ttft = {name: Stats.of(raw["ttft_s"][name]) for name in SIDES}
+    decode = {
+        name: decode_seconds_per_token(raw["generate_n_plus_1_s"][name], ttft[name].median, new_tokens)
+        for name in SIDES
+    }
+    turn2 = {name: Stats.of(raw["turn2_ttft_s"][name]) for name in SIDES}
+    work = min(raw["flops"].values())  # the least work either side needed for the same answer
+    floor = work / floor_rate
+    return {
+        "ttft_median_s": {name: ttft[name].median for name in SIDES},
+        "decode_median_s_per_token": {name: decode[name].median for name in SIDES},
+        "turn2_median_s": {name: turn2[name].median for name in SIDES},
+        "ttft_native_over_ours": ttft["native"].median / ttft["ours"].median,
+        "decode_native_over_ours": decode["native"].median / decode["ours"].median,
+        "turn2_over_turn1": {name: turn2[name].median / ttft[name].median for name in SIDES},
+        "floor_flops": work,
+        "floor_rate_flops_per_s": floor_rate,
+        "floor_s": floor,
+        "ttft_over_floor": {name: ttft[name].median / floor for name in SIDES},
+    }
+
+
+# ----------------------------------------------------------------------------------------------------------------------
+# Peak memory, one child process per model
+
+
+def memory_probe(args: argparse.Namespace) -> None:
+    """Child process: builds one model as the parent would, runs one TTFT, prints its memory as a JSON line."""
+    size, dtype_name = args.sizes[0], args.dtypes[0]
+    tokenizer = build_tokenizer()
+    processor = build_processors(tokenizer, args.resolution)[args.memory_probe]
+    image = load_image(args.image)
+    config = fastvlm_config(size, args, tokenizer)
+    reset_peak_memory(args.device)
+    baseline = peak_memory_bytes(args.device) if args.device == "cpu" else 0
+    dtype = DTYPES[dtype_name]
+    build = build_ours if args.memory_probe == "ours" else lambda c, d, dev, seed: build_native(c, d, dev)
+    model = build(config, dtype, args.device, args.seed).eval()
+    weights = sum(t.numel() * t.element_size() for t in [*model.parameters(), *model.buffers()])
+    Side(model, processor, image, args.device, generation_kwargs(tokenizer)).generate(1)
+    peak = peak_memory_bytes(args.device)
+    print("MEMORY " + json.dumps({"peak_bytes": peak, "baseline_bytes": baseline, "weights_bytes": weights}))
+
+
+def measure_memory(size: str, dtype_name: str, side: str, args: argparse.Namespace) -> dict[str, Any] | None:
+    command = [
+        sys.executable, str(Path(__file__).resolve()), "--memory-probe", side, "--sizes", size, "--dtypes", dtype_name,
+        "--resolution", str(args.resolution), "--image", str(args.image), "--device", args.device,
+        "--threads", str(args.threads), "--seed", str(args.seed),
+    ]  # fmt: skip
+    if args.layers:
+        command += ["--layers", str(args.layers)]
+    result = subprocess.run(command, capture_output=True, text=True, check=False)
+    lines = [line for line in result.stdout.splitlines() if line.startswith("MEMORY ")]
+    if result.returncode or not lines:
+        log(f"  memory probe for {side} failed:\n{result.stderr[-2000:]}")
+        return None
+    return json.loads(lines[-1].removeprefix("MEMORY "))
+
+
+# ----------------------------------------------------------------------------------------------------------------------
+# Report
+
+
+def peak_cell(memory: dict[str, Any] | None) -> str:
+    """'peak (+ growth over the process before the model was built)' in GiB."""
+    if not memory or memory["peak_bytes"] is None:
+        return "n/a"
+    return f"{gib(memory['peak_bytes'])} (+{gib(memory['peak_bytes'] - memory['baseline_bytes'])})"
+
+
+LATENCY_HEADERS = [
+    "model", "dtype", "prompt tokens", "preprocess ours / native ms", "TTFT ours ms", "TTFT native ms", "native/ours",
+    "decode ours ms/token", "decode native ms/token", "native/ours",
+]  # fmt: skip
+MORE_HEADERS = [
+    "model", "dtype", "turn-2 TTFT ours ms", "turn 2/turn 1 ours", "turn-2 TTFT native ms", "GFLOP", "floor ms",
+    "ours/floor", "native/floor", "peak ours GiB (+model)", "peak native GiB (+model)",
+]  # fmt: skip
+
+
+def side_stats(raw: dict[str, Any], key: str) -> dict[str, Stats]:
+    return {name: Stats.of(raw[key][name]) for name in SIDES}
+
+
+def latency_cells(row: dict[str, Any], new_tokens: int) -> list[Any]:
+    raw, summary = row["raw"], row["summary"]
+    preprocess, ttft = side_stats(raw, "preprocess_s"), side_stats(raw, "ttft_s")
+    decode = {
+        name: decode_seconds_per_token(raw["generate_n_plus_1_s"][name], ttft[name].median, new_tokens)
+        for name in SIDES
+    }
+    return [
+        row["size"], row["dtype"], raw["prompt_tokens"],
+        f"{preprocess['ours'].median * 1e3:.1f} / {preprocess['native'].median * 1e3:.1f}",
+        ttft["ours"].ms(0), ttft["native"].ms(0), f"{summary['ttft_native_over_ours']:.2f}×",
+        decode["ours"].ms(), decode["native"].ms(), f"{summary['decode_native_over_ours']:.2f}×",
+    ]  # fmt: skip
+
+
+def more_cells(row: dict[str, Any]) -> list[Any]:
+    summary, memory = row["summary"], row.get("memory") or {}
+    turn2 = side_stats(row["raw"], "turn2_ttft_s")
+    return [
+        row["size"], row["dtype"], turn2["ours"].ms(0), f"{summary['turn2_over_turn1']['ours']:.2f}",
+        turn2["native"].ms(0), f"{summary['floor_flops'] / 1e9:.0f}", f"{summary['floor_s'] * 1e3:.0f}",
+        f"{summary['ttft_over_floor']['ours']:.2f}", f"{summary['ttft_over_floor']['native']:.2f}",
+        peak_cell(memory.get("ours")), peak_cell(memory.get("native")),
+    ]  # fmt: skip
+
+
+def footnote(results: dict[str, Any]) -> str:
+    settings = results["settings"]
+    rates = ", ".join(f"{name} {rate / 1e9:.0f} GFLOP/s" for name, rate in results["matmul_rate_flops_per_s"].items())
+    memory = "peak CUDA memory allocated" if settings["device"] == "cuda" else "resident-set high-water mark"
+    return (
+        f"Milliseconds, median (min–max) of interleaved runs; random weights, the same on both sides. TTFT includes "
+        f"each side's processor; decode = (t(generate {settings['new_tokens'] + 1}) − median TTFT) / "
+        f"{settings['new_tokens']}. Turn 2 continues from turn 1's cache after a {settings['answer_tokens']}-token "
+        f"answer. Floor = FLOPs of one TTFT run / best large-matmul rate measured in this run ({rates}). Peak memory: "
+        f"{memory} of a process that builds one model and runs one TTFT; in brackets, its growth from before the "
+        f"model was built."
+    )
+
+
+def markdown(results: dict[str, Any]) -> str:
+    settings = results["settings"]
+    title = (
+        f"### FastVLM TTFT and decode: fastvlm_hf vs transformers' FastVlmForConditionalGeneration "
+        f"({settings['resolution']} px, {settings['device']})"
+    )
+    latency_rows = [latency_cells(row, settings["new_tokens"]) for row in results["rows"]]
+    more_rows = [more_cells(row) for row in results["rows"]]
+    return "\n\n".join(
+        [
+            title,
+            f"Machine: {machine_line(results['machine'])}",
+            markdown_table(LATENCY_HEADERS, latency_rows),
+            markdown_table(MORE_HEADERS, more_rows),
+            footnote(results),
+        ]
+    )
+
+
+# ----------------------------------------------------------------------------------------------------------------------
+
+
+def run_pair(size: str, dtype_name: str, args, tokenizer, processors, image) -> dict[str, Any]:
+    dtype = DTYPES[dtype_name]
+    config = fastvlm_config(size, args, tokenizer)
+    log(f"{size} {dtype_name}: building both models")
+    ours = build_ours(config, dtype, args.device, args.seed)
+    native = build_native(config, dtype, args.device, ours)
+    generate_kwargs = generation_kwargs(tokenizer)
+    sides = {
+        "ours": Side(ours.eval(), processors["ours"], image, args.device, generate_kwargs),
+        "native": Side(native.eval(), processors["native"], image, args.device, generate_kwargs),
+    }
+    return measure(sides, args)
+
+
+def main(argv: list[str] | None = None) -> None:
+    args = parse_arguments(argv)
+    configure_torch(args)
+    transformers.logging.set_verbosity_error()
+    if args.memory_probe:
+        return memory_probe(args)
+    if not hasattr(transformers, "FastVlmForConditionalGeneration"):
+        sys.exit(f"transformers {transformers.__version__} has no FastVlmForConditionalGeneration: the peer needs 5.x")
+    tokenizer = build_tokenizer()
+    processors = build_processors(tokenizer, args.resolution)
+    image = load_image(args.image)
+    results: dict[str, Any] = {
+        "benchmark": "ttft",
+        "machine": describe_machine(args.device),
+        "settings": {key: value for key, value in vars(args).items() if key not in ("output", "memory_probe")},
+        "matmul_rate_flops_per_s": {},
+        "rows": [],
+    }
+    for dtype_name in args.dtypes:
+        rate = matmul_flops_per_second(DTYPES[dtype_name], args.device)
+        results["matmul_rate_flops_per_s"][dtype_name] = rate
+        log(f"{dtype_name} matmul: {rate / 1e9:.0f} GFLOP/s")
+        for size in args.sizes:
+            raw = run_pair(size, dtype_name, args, tokenizer, processors, image)
+            gc.collect()
+            if args.device == "cuda":
+                torch.cuda.empty_cache()
+            row = {"size": size, "dtype": dtype_name, "raw": raw, "summary": summarize(raw, rate, args.new_tokens)}
+            if args.memory:
+                log(f"{size} {dtype_name}: peak memory, one process per model")
+                row["memory"] = {side: measure_memory(size, dtype_name, side, args) for side in SIDES}
+            log(json.dumps(row["summary"], indent=None))
+            results["rows"].append(row)
+    write_results(args.output, results, markdown(results))
+
+
+if __name__ == "__main__":
+    main()
