@@ -8,7 +8,7 @@ import torch
 from conftest import TINY_VISION_CONFIG, randomize_non_parameter_state
 from transformers import AutoConfig, AutoModel
 
-from fastvlm_hf import FastViTHDConfig, FastViTHDModel
+from fastvlm_hf import FastViTHDConfig, FastViTHDModel, modeling_fastvithd
 from fastvlm_hf.modeling_fastvithd import (
     FastViTHDAttentionBlock,
     FastViTHDConvAct,
@@ -387,3 +387,16 @@ def test_torch_compile_captures_the_encoder_in_one_graph(eval_tower):
     compiled = torch.compile(eval_tower, fullgraph=True, backend="eager")
     with torch.no_grad():
         assert torch.allclose(compiled(pixel_values).last_hidden_state, eval_tower(pixel_values).last_hidden_state)
+
+
+def test_inference_kernels_match_the_differentiable_path(eval_tower):
+    # Without gradients, convolutions and their activations run as one fused CPU kernel; with them, as two modules.
+    pixel_values = torch.rand(2, 3, 128, 128, generator=torch.Generator().manual_seed(4))
+    mlp = eval_tower.stages[0].blocks[0].mlp
+    with torch.no_grad():
+        assert modeling_fastvithd._onednn_can_fuse(mlp.fc1, mlp.act, pixel_values)
+        fused = eval_tower(pixel_values).last_hidden_state
+    assert not modeling_fastvithd._onednn_can_fuse(mlp.fc1, mlp.act, pixel_values)
+    plain = eval_tower(pixel_values).last_hidden_state
+    assert plain.requires_grad
+    assert relative_error(fused, plain.detach().double()) <= 1e-6

@@ -1,0 +1,186 @@
+"""What each speed lever of `FastViTHDModel` gives: the encoder as shipped against the same encoder with one lever
+switched off at a time, and with all of them off (the blocks as the paper writes them: NCHW, BatchNorm after its
+convolution, `x + gamma * f(x)`, the channel LayerNorm by its formula). One process, the same weights, runs interleaved.
+
+    python benchmarks/levers.py --output benchmarks/results/levers.json
+    python benchmarks/levers.py --resolution 256 --repeats 1 --dtypes bf16        # smoke
+
+Also times the language-model side lever: Qwen2-0.5B prefill of a 282-token prompt with the output head on the last
+position only (`logits_to_keep=1`, what `generate` asks for) against all positions.
+"""
+
+from __future__ import annotations
+
+import argparse
+import contextlib
+from collections.abc import Callable, Iterator
+
+import torch
+from common import (
+    DTYPES,
+    Stats,
+    add_common_arguments,
+    configure_torch,
+    describe_machine,
+    give_fastvithd_working_weights,
+    interleave,
+    log,
+    machine_line,
+    markdown_table,
+    parse_dtypes,
+    relative_error,
+    write_results,
+)
+
+from fastvlm_hf import FastViTHDConfig, FastViTHDModel, FastVLMConfig, FastVLMForConditionalGeneration
+from fastvlm_hf import modeling_fastvithd as fastvithd
+
+QWEN2_0_5B = dict(
+    vocab_size=151936,
+    hidden_size=896,
+    intermediate_size=4864,
+    num_hidden_layers=24,
+    num_attention_heads=14,
+    num_key_value_heads=2,
+    rope_theta=1e6,
+    tie_word_embeddings=True,
+)
+PROMPT_TOKENS = 282  # 256 image tokens at 1024 px and predict.py's prompt in the chat template
+
+
+@contextlib.contextmanager
+def patched(owner: object, name: str, value: object) -> Iterator[None]:
+    original = getattr(owner, name)
+    setattr(owner, name, value)
+    try:
+        yield
+    finally:
+        setattr(owner, name, original)
+
+
+def _unfolded_conv_norm(self, hidden_states):
+    return self.bn(self.conv(hidden_states))
+
+
+def _unfused_layer_scale(self, residual, branch):
+    return residual + self.gamma * branch
+
+
+def _activation_on_the_tensor(self, hidden_states):
+    return self.fn(hidden_states)
+
+
+def _layer_norm_by_formula(self, hidden_states):
+    mean = hidden_states.mean(dim=1, keepdim=True)
+    variance = (hidden_states - mean).pow(2).mean(dim=1, keepdim=True)
+    hidden_states = (hidden_states - mean) * torch.rsqrt(variance + self.eps)
+    return hidden_states * self.weight[:, None, None] + self.bias[:, None, None]
+
+
+# Each lever: how to switch it off.
+LEVERS: dict[str, Callable[[], contextlib.AbstractContextManager]] = {
+    "channels-last activations": lambda: patched(fastvithd, "ACTIVATION_MEMORY_FORMAT", torch.contiguous_format),
+    "ConvFFN BatchNorm folded in eval": lambda: patched(fastvithd.FastViTHDConvNorm, "forward", _unfolded_conv_norm),
+    "layer scale + residual in one op": lambda: patched(fastvithd.FastViTHDLayerScale, "forward", _unfused_layer_scale),
+    "activations on the NHWC view": lambda: patched(fastvithd.FastViTHDActivation, "forward", _activation_on_the_tensor),
+    "LayerNorm2d as F.layer_norm": lambda: patched(fastvithd.FastViTHDLayerNorm2d, "forward", _layer_norm_by_formula),
+}
+
+
+def all_levers_off() -> contextlib.ExitStack:
+    stack = contextlib.ExitStack()
+    for switch_off in LEVERS.values():
+        stack.enter_context(switch_off())
+    return stack
+
+
+def vision_variants() -> dict[str, Callable[[], contextlib.AbstractContextManager]]:
+    variants = {"as shipped": contextlib.nullcontext}
+    variants.update({f"without {name}": switch_off for name, switch_off in LEVERS.items()})
+    variants["without any lever"] = all_levers_off
+    return variants
+
+
+def time_vision(args: argparse.Namespace, dtype_name: str) -> list[list[str]]:
+    model = FastViTHDModel(FastViTHDConfig())
+    give_fastvithd_working_weights(model, args.seed)
+    model = model.to(args.device, DTYPES[dtype_name]).eval()
+    pixel_values = torch.rand(1, 3, args.resolution, args.resolution, device=args.device, dtype=DTYPES[dtype_name])
+    variants = vision_variants()
+
+    def run(context):
+        def call():
+            with context(), torch.inference_mode():
+                return model(pixel_values).last_hidden_state
+
+        return call
+
+    runs = {name: run(context) for name, context in variants.items()}
+    reference = runs["without any lever"]().float()
+    for name, call in runs.items():
+        error = relative_error(call().float(), reference)
+        log(f"{dtype_name} {name}: relative difference to the plain path {error:.1e}")
+    log(f"timing {len(runs)} variants @{args.resolution}px {dtype_name}")
+    timings = interleave(runs, args.device, args.warmup, args.repeats)
+    shipped = timings.stats("as shipped").median
+    rows = []
+    for name in runs:
+        stats = timings.stats(name)
+        rows.append([dtype_name, name, stats.ms(), f"{stats.median / shipped:.2f}×"])
+    return rows
+
+
+def time_prefill_head(args: argparse.Namespace) -> list[list[str]]:
+    config = FastVLMConfig(text_config={"model_type": "qwen2", **QWEN2_0_5B})
+    model = FastVLMForConditionalGeneration(config).to(args.device, torch.bfloat16).eval()
+    input_ids = torch.randint(0, 151000, (1, PROMPT_TOKENS), device=args.device)
+
+    def prefill(logits_to_keep: int):
+        def call():
+            with torch.inference_mode():
+                return model(input_ids=input_ids, logits_to_keep=logits_to_keep).logits
+
+        return call
+
+    log(f"timing Qwen2-0.5B prefill of {PROMPT_TOKENS} tokens (bf16)")
+    timings = interleave(
+        {"last position": prefill(1), "all positions": prefill(0)}, args.device, args.warmup, args.repeats
+    )
+    last = timings.stats("last position").median
+    return [
+        ["bf16", f"prefill, head on {name}", Stats.of(samples).ms(), f"{Stats.of(samples).median / last:.2f}×"]
+        for name, samples in timings.samples.items()
+    ]
+
+
+def main(argv: list[str] | None = None) -> None:
+    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser.add_argument("--resolution", type=int, default=1024)
+    parser.add_argument("--dtypes", type=parse_dtypes, default=["fp32", "bf16"], help="default: fp32,bf16")
+    parser.add_argument("--repeats", type=int, default=3, help="timed runs of each variant (default: 3)")
+    parser.add_argument("--no-prefill", action="store_true", help="skip the language-model prefill lever")
+    add_common_arguments(parser)
+    args = parser.parse_args(argv)
+    configure_torch(args)
+
+    rows = []
+    for dtype_name in args.dtypes:
+        rows += time_vision(args, dtype_name)
+    if not args.no_prefill:
+        rows += time_prefill_head(args)
+    machine = describe_machine(args.device)
+    headers = ["dtype", "variant", "median (min–max) ms", "time / as shipped"]
+    markdown = "\n".join(
+        [
+            f"FastViTHD @{args.resolution}px, batch 1, {args.threads} threads: each lever switched off in turn",
+            "",
+            markdown_table(headers, rows),
+            "",
+            machine_line(machine),
+        ]
+    )
+    write_results(args.output, {"machine": machine, "settings": vars(args) | {"output": str(args.output)}, "rows": rows}, markdown)
+
+
+if __name__ == "__main__":
+    main()
