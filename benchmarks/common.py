@@ -20,7 +20,7 @@ from pathlib import Path
 from typing import Any
 
 import torch
-from torch.utils.flop_counter import FlopCounterMode
+from torch.utils.flop_counter import FlopCounterMode, conv_flop_count
 
 REPO = Path(__file__).resolve().parents[1]
 DTYPES = {"fp32": torch.float32, "bf16": torch.bfloat16, "fp16": torch.float16}
@@ -153,9 +153,16 @@ def _cpu_flash_attention_flops(query, key, value, *args, out_shape=None, **kwarg
     return 2 * batch * heads * query_length * key_length * (head_dim + value_dim)
 
 
+def _fused_convolution_flops(input_shape, weight_shape, *args, out_shape=None, **kwargs) -> int:
+    # oneDNN's convolution with a fused activation (what fastvlm_hf runs on CPU at inference): a convolution's FLOPs.
+    return conv_flop_count(list(input_shape), list(weight_shape), list(out_shape))
+
+
 _EXTRA_FLOP_FORMULAS = {}
 if hasattr(torch.ops.aten, "_scaled_dot_product_flash_attention_for_cpu"):
     _EXTRA_FLOP_FORMULAS[torch.ops.aten._scaled_dot_product_flash_attention_for_cpu] = _cpu_flash_attention_flops
+if hasattr(torch.ops.mkldnn, "_convolution_pointwise"):
+    _EXTRA_FLOP_FORMULAS[torch.ops.mkldnn._convolution_pointwise.default] = _fused_convolution_flops
 
 
 def count_flops(fn: Callable[[], Any]) -> tuple[int, Any]:

@@ -1,6 +1,7 @@
 """What each speed lever of `FastViTHDModel` gives: the encoder as shipped against the same encoder with one lever
-switched off at a time, and with all of them off (the blocks as the paper writes them: NCHW, BatchNorm after its
-convolution, `x + gamma * f(x)`, the channel LayerNorm by its formula). One process, the same weights, runs interleaved.
+switched off at a time, and with all of them off (the blocks as the paper writes them: NCHW, the activation and the
+BatchNorm each after their convolution, `x + gamma * f(x)`, the channel LayerNorm by its formula). One process, the
+same weights, runs interleaved.
 
     python benchmarks/levers.py --output benchmarks/results/levers.json
     python benchmarks/levers.py --resolution 256 --repeats 1 --dtypes bf16        # smoke
@@ -15,6 +16,7 @@ import argparse
 import contextlib
 from collections.abc import Callable, Iterator
 
+import _torchvision_shim  # noqa: F401  (first: before anything imports torchvision)
 import torch
 from common import (
     DTYPES,
@@ -58,6 +60,10 @@ def patched(owner: object, name: str, value: object) -> Iterator[None]:
         setattr(owner, name, original)
 
 
+def _never(*args) -> bool:
+    return False
+
+
 def _unfolded_conv_norm(self, hidden_states):
     return self.bn(self.conv(hidden_states))
 
@@ -79,6 +85,7 @@ def _layer_norm_by_formula(self, hidden_states):
 
 # Each lever: how to switch it off.
 LEVERS: dict[str, Callable[[], contextlib.AbstractContextManager]] = {
+    "convolution + activation as one oneDNN kernel": lambda: patched(fastvithd, "_onednn_can_fuse", _never),
     "channels-last activations": lambda: patched(fastvithd, "ACTIVATION_MEMORY_FORMAT", torch.contiguous_format),
     "ConvFFN BatchNorm folded in eval": lambda: patched(fastvithd.FastViTHDConvNorm, "forward", _unfolded_conv_norm),
     "layer scale + residual in one op": lambda: patched(fastvithd.FastViTHDLayerScale, "forward", _unfused_layer_scale),

@@ -390,13 +390,15 @@ def test_torch_compile_captures_the_encoder_in_one_graph(eval_tower):
 
 
 def test_inference_kernels_match_the_differentiable_path(eval_tower):
-    # Without gradients, convolutions and their activations run as one fused CPU kernel; with them, as two modules.
-    pixel_values = torch.rand(2, 3, 128, 128, generator=torch.Generator().manual_seed(4))
+    # Without gradients, convolutions and their activations on large maps run as one fused CPU kernel; with them, as
+    # two modules. At 256 px the first stage's maps (64×64) are large enough.
+    pixel_values = torch.rand(2, 3, 256, 256, generator=torch.Generator().manual_seed(4))
     mlp = eval_tower.stages[0].blocks[0].mlp
+    first_stage_map = torch.empty(2, eval_tower.config.embed_dims[0], 64, 64)
     with torch.no_grad():
-        assert modeling_fastvithd._onednn_can_fuse(mlp.fc1, mlp.act, pixel_values)
+        assert modeling_fastvithd._onednn_can_fuse(mlp.fc1, mlp.act, first_stage_map)
         fused = eval_tower(pixel_values).last_hidden_state
-    assert not modeling_fastvithd._onednn_can_fuse(mlp.fc1, mlp.act, pixel_values)
+    assert not modeling_fastvithd._onednn_can_fuse(mlp.fc1, mlp.act, first_stage_map)
     plain = eval_tower(pixel_values).last_hidden_state
     assert plain.requires_grad
     assert relative_error(fused, plain.detach().double()) <= 1e-6

@@ -44,6 +44,9 @@ class FastViTHDActivation(nn.Module):
 _HAS_ONEDNN_FUSED_CONVOLUTION = torch.backends.mkldnn.is_available() and hasattr(
     torch.ops.mkldnn, "_convolution_pointwise"
 )
+# The fused kernel repacks its weights on every call: it pays off on large maps (the first stages, 2× on CPU there),
+# not on the small maps of the last stages, whose weights are large.
+_ONEDNN_FUSION_MIN_PIXELS = 64 * 64
 
 
 def _onednn_can_fuse(conv: nn.Conv2d, activation: FastViTHDActivation, hidden_states: torch.Tensor) -> bool:
@@ -54,6 +57,7 @@ def _onednn_can_fuse(conv: nn.Conv2d, activation: FastViTHDActivation, hidden_st
         and not torch.is_grad_enabled()  # the fused kernel has no backward
         and hidden_states.device.type == "cpu"
         and hidden_states.dtype in (torch.float32, torch.bfloat16)
+        and hidden_states.shape[-2] * hidden_states.shape[-1] >= _ONEDNN_FUSION_MIN_PIXELS
         and conv.weight.device.type == "cpu"  # not on the meta device, where accelerate keeps offloaded weights
         and conv.padding_mode == "zeros"
         and torch.backends.mkldnn.enabled
