@@ -14,16 +14,27 @@ import statistics
 import subprocess
 import sys
 import time
-from collections.abc import Callable
+from collections.abc import Callable, Iterator
 from importlib import metadata
 from pathlib import Path
 from typing import Any
 
 import torch
-from torch.utils.flop_counter import FlopCounterMode, conv_flop_count
+from torch.utils.flop_counter import FlopCounterMode
 
 REPO = Path(__file__).resolve().parents[1]
 DTYPES = {"fp32": torch.float32, "bf16": torch.bfloat16, "fp16": torch.float16}
+
+# The language models of FastVLM-0.5B, -1.5B and -7B: Qwen2-0.5B, -1.5B and -7B (random weights, real shapes).
+QWEN2_COMMON = {"model_type": "qwen2", "rope_theta": 1000000.0, "rms_norm_eps": 1e-6, "max_position_embeddings": 32768}
+QWEN2_SIZES = {
+    "0.5b": {"hidden_size": 896, "num_hidden_layers": 24, "num_attention_heads": 14, "num_key_value_heads": 2,
+             "intermediate_size": 4864, "vocab_size": 151936, "tie_word_embeddings": True},
+    "1.5b": {"hidden_size": 1536, "num_hidden_layers": 28, "num_attention_heads": 12, "num_key_value_heads": 2,
+             "intermediate_size": 8960, "vocab_size": 151936, "tie_word_embeddings": True},
+    "7b": {"hidden_size": 3584, "num_hidden_layers": 28, "num_attention_heads": 28, "num_key_value_heads": 4,
+           "intermediate_size": 18944, "vocab_size": 152064, "tie_word_embeddings": False},
+}  # fmt: skip
 
 
 # ----------------------------------------------------------------------------------------------------------------------
@@ -153,22 +164,29 @@ def _cpu_flash_attention_flops(query, key, value, *args, out_shape=None, **kwarg
     return 2 * batch * heads * query_length * key_length * (head_dim + value_dim)
 
 
-def _fused_convolution_flops(input_shape, weight_shape, *args, out_shape=None, **kwargs) -> int:
-    # oneDNN's convolution with a fused activation (what fastvlm_hf runs on CPU at inference): a convolution's FLOPs.
-    return conv_flop_count(list(input_shape), list(weight_shape), list(out_shape))
-
-
 _EXTRA_FLOP_FORMULAS = {}
 if hasattr(torch.ops.aten, "_scaled_dot_product_flash_attention_for_cpu"):
     _EXTRA_FLOP_FORMULAS[torch.ops.aten._scaled_dot_product_flash_attention_for_cpu] = _cpu_flash_attention_flops
-if hasattr(torch.ops.mkldnn, "_convolution_pointwise"):
-    _EXTRA_FLOP_FORMULAS[torch.ops.mkldnn._convolution_pointwise.default] = _fused_convolution_flops
+
+
+@contextlib.contextmanager
+def _fastvithd_unfused() -> Iterator[None]:
+    """FastViTHD's fused convolution + activation kernel (oneDNN, CPU inference) bypasses the dispatcher's Python
+    modes, so FlopCounterMode cannot see it; its unfused path does the same arithmetic, and is what gets counted."""
+    from fastvlm_hf import modeling_fastvithd
+
+    original = modeling_fastvithd._onednn_can_fuse
+    modeling_fastvithd._onednn_can_fuse = lambda *args: False
+    try:
+        yield
+    finally:
+        modeling_fastvithd._onednn_can_fuse = original
 
 
 def count_flops(fn: Callable[[], Any]) -> tuple[int, Any]:
     """Floating-point operations of the matmuls, convolutions and attention `fn()` runs (a multiply-add is 2), and
     its result."""
-    with FlopCounterMode(display=False, custom_mapping=_EXTRA_FLOP_FORMULAS) as counter:
+    with _fastvithd_unfused(), FlopCounterMode(display=False, custom_mapping=_EXTRA_FLOP_FORMULAS) as counter:
         result = fn()
     return counter.get_total_flops(), result
 

@@ -20,6 +20,8 @@ import _torchvision_shim  # noqa: F401  (first: before anything imports torchvis
 import torch
 from common import (
     DTYPES,
+    QWEN2_COMMON,
+    QWEN2_SIZES,
     Stats,
     add_common_arguments,
     configure_torch,
@@ -37,16 +39,6 @@ from common import (
 from fastvlm_hf import FastViTHDConfig, FastViTHDModel, FastVLMConfig, FastVLMForConditionalGeneration
 from fastvlm_hf import modeling_fastvithd as fastvithd
 
-QWEN2_0_5B = dict(
-    vocab_size=151936,
-    hidden_size=896,
-    intermediate_size=4864,
-    num_hidden_layers=24,
-    num_attention_heads=14,
-    num_key_value_heads=2,
-    rope_theta=1e6,
-    tie_word_embeddings=True,
-)
 PROMPT_TOKENS = 282  # 256 image tokens at 1024 px and predict.py's prompt in the chat template
 
 
@@ -138,7 +130,7 @@ def time_vision(args: argparse.Namespace, dtype_name: str) -> list[list[str]]:
 
 
 def time_prefill_head(args: argparse.Namespace) -> list[list[str]]:
-    config = FastVLMConfig(text_config={"model_type": "qwen2", **QWEN2_0_5B})
+    config = FastVLMConfig(text_config={**QWEN2_COMMON, **QWEN2_SIZES["0.5b"]})
     model = FastVLMForConditionalGeneration(config).to(args.device, torch.bfloat16).eval()
     input_ids = torch.randint(0, 151000, (1, PROMPT_TOKENS), device=args.device)
 

@@ -9,7 +9,7 @@ safetensors maps from disk count once they are touched); on CUDA `torch.cuda.max
 FastVLM-7B is not built: its footprint is computed from its parameter count, and the per-decoder-layer part of that
 computation is checked against a 7B-shaped decoder layer that is quantized and measured.
 
-    python benchmarks/memory.py --output memory.json            # also writes benchmarks/memory.md
+    python benchmarks/memory.py --output benchmarks/results/memory.json   # also writes benchmarks/results/memory.md
 """
 
 from __future__ import annotations
@@ -24,17 +24,11 @@ import time
 from pathlib import Path
 
 import torch
+from common import QWEN2_COMMON, QWEN2_SIZES
 
 GIB = 1024**3
 MODES = ("bf16", "int8", "nf4")
-QWEN2 = {  # the language models of FastVLM-0.5B, -1.5B and -7B (Qwen2-0.5B, -1.5B, -7B)
-    "0.5B": {"hidden_size": 896, "num_hidden_layers": 24, "num_attention_heads": 14, "num_key_value_heads": 2,
-             "intermediate_size": 4864, "vocab_size": 151936, "tie_word_embeddings": True},
-    "1.5B": {"hidden_size": 1536, "num_hidden_layers": 28, "num_attention_heads": 12, "num_key_value_heads": 2,
-             "intermediate_size": 8960, "vocab_size": 151936, "tie_word_embeddings": True},
-    "7B": {"hidden_size": 3584, "num_hidden_layers": 28, "num_attention_heads": 28, "num_key_value_heads": 4,
-           "intermediate_size": 18944, "vocab_size": 152064, "tie_word_embeddings": False},
-}  # fmt: skip
+QWEN2 = {size.upper(): dims for size, dims in QWEN2_SIZES.items()}  # "0.5B", "1.5B", "7B"
 MEASURED_SIZES = ("0.5B", "1.5B")
 PROMPT_TEXT_TOKENS = 32
 NEW_TOKENS = 8
@@ -46,7 +40,7 @@ WEIGHT_BYTES = {"bf16": 2.0, "int8": 1.0, "nf4": 0.5}
 def fastvlm_config(size: str, num_hidden_layers: int | None = None):
     from fastvlm_hf import FastVLMConfig
 
-    text = {"model_type": "qwen2", "max_position_embeddings": 32768, "rope_theta": 1000000.0, **QWEN2[size]}
+    text = {**QWEN2_COMMON, **QWEN2[size]}
     if num_hidden_layers is not None:
         text["num_hidden_layers"] = num_hidden_layers
     return FastVLMConfig(text_config=text)
@@ -247,8 +241,8 @@ def markdown(results: dict) -> str:
 
 def main(argv=None) -> None:
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
-    parser.add_argument("--output", type=Path, default=Path("memory.json"), help="where to write the JSON results")
-    parser.add_argument("--markdown", type=Path, default=Path(__file__).with_name("memory.md"), help="Markdown table")
+    parser.add_argument("--output", type=Path, default=Path(__file__).parent / "results" / "memory.json", help="where to write the JSON results")
+    parser.add_argument("--markdown", type=Path, default=Path(__file__).parent / "results" / "memory.md", help="Markdown table")
     parser.add_argument("--sizes", nargs="+", default=list(MEASURED_SIZES), choices=list(MEASURED_SIZES))
     parser.add_argument("--from-json", type=Path, help="only rewrite the Markdown table from an earlier --output")
     parser.add_argument("--worker", nargs=2, metavar=("DIR", "MODE"), help=argparse.SUPPRESS)

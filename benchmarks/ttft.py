@@ -36,6 +36,8 @@ import torch
 import transformers
 from common import (
     DTYPES,
+    QWEN2_COMMON,
+    QWEN2_SIZES,
     REPO,
     Stats,
     add_common_arguments,
@@ -69,16 +71,10 @@ from fastvlm_hf import (
 )
 from fastvlm_hf.processing_fastvlm import DEFAULT_CHAT_TEMPLATE
 
-QWEN2 = {"model_type": "qwen2", "rope_theta": 1000000.0, "rms_norm_eps": 1e-6, "max_position_embeddings": 32768}
-SIZES = {  # the language models of FastVLM-0.5B, -1.5B and -7B (Qwen2), and a tiny one for smoke runs
+SIZES = {  # FastVLM's language models, and a tiny one for smoke runs
     "tiny": {"hidden_size": 128, "num_hidden_layers": 2, "num_attention_heads": 4, "num_key_value_heads": 2,
              "intermediate_size": 256, "vocab_size": 151936, "tie_word_embeddings": True},
-    "0.5b": {"hidden_size": 896, "num_hidden_layers": 24, "num_attention_heads": 14, "num_key_value_heads": 2,
-             "intermediate_size": 4864, "vocab_size": 151936, "tie_word_embeddings": True},
-    "1.5b": {"hidden_size": 1536, "num_hidden_layers": 28, "num_attention_heads": 12, "num_key_value_heads": 2,
-             "intermediate_size": 8960, "vocab_size": 151936, "tie_word_embeddings": True},
-    "7b": {"hidden_size": 3584, "num_hidden_layers": 28, "num_attention_heads": 28, "num_key_value_heads": 4,
-           "intermediate_size": 18944, "vocab_size": 152064, "tie_word_embeddings": False},
+    **QWEN2_SIZES,
 }  # fmt: skip
 SPECIAL_TOKENS = ["<|endoftext|>", "<|im_start|>", "<|im_end|>", "<image>"]
 PROMPT = "Describe the image in detail."
@@ -175,7 +171,7 @@ def chat_inputs(processor, image: Image.Image, device: str) -> dict[str, torch.T
 
 
 def fastvlm_config(size: str, args: argparse.Namespace, tokenizer) -> FastVLMConfig:
-    text_config = {**QWEN2, **SIZES[size]}
+    text_config = {**QWEN2_COMMON, **SIZES[size]}
     if args.layers:
         text_config["num_hidden_layers"] = args.layers
     return FastVLMConfig(
