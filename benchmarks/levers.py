@@ -178,7 +178,8 @@ def main(argv: list[str] | None = None) -> None:
             machine_line(machine),
         ]
     )
-    write_results(args.output, {"machine": machine, "settings": vars(args) | {"output": str(args.output)}, "rows": rows}, markdown)
+    settings = {key: value for key, value in vars(args).items() if key != "output"}
+    write_results(args.output, {"machine": machine, "settings": settings, "rows": rows}, markdown)
 
 
 if __name__ == "__main__":

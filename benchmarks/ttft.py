@@ -25,6 +25,7 @@ import argparse
 import copy
 import gc
 import json
+import os
 import subprocess
 import sys
 from functools import partial
@@ -455,7 +456,10 @@ def main(argv: list[str] | None = None) -> None:
     results: dict[str, Any] = {
         "benchmark": "ttft",
         "machine": describe_machine(args.device),
-        "settings": {key: value for key, value in vars(args).items() if key not in ("output", "memory_probe")},
+        "settings": {
+            **{key: value for key, value in vars(args).items() if key not in ("output", "memory_probe")},
+            "image": os.path.relpath(args.image, REPO),  # results carry no machine paths
+        },
         "matmul_rate_flops_per_s": {},
         "rows": [],
     }
