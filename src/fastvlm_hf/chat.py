@@ -63,11 +63,8 @@ def fit_new_tokens(model, prompt_tokens: int, max_new_tokens: int) -> int:
 
 
 def move_inputs(inputs, model):
-    """Processor outputs on the model's device, `pixel_values` in the model's dtype."""
-    inputs = inputs.to(model.device)
-    if "pixel_values" in inputs:
-        inputs["pixel_values"] = inputs["pixel_values"].to(model.dtype)
-    return inputs
+    """Processor outputs on the model's device, the floating-point ones (`pixel_values`) in the model's dtype."""
+    return inputs.to(model.device, dtype=model.dtype)
 
 
 class ChatSession:

@@ -294,6 +294,11 @@ def transformers_config_kwargs(config) -> dict[str, Any]:
 _HUB_KWARGS = ("cache_dir", "force_download", "proxies", "token", "local_files_only", "revision", "subfolder")
 
 
+def hub_kwargs(kwargs: dict[str, Any]) -> dict[str, Any]:
+    """The Hub arguments (`revision`, `token`, ...) among `from_pretrained`'s kwargs."""
+    return {name: kwargs[name] for name in _HUB_KWARGS if name in kwargs}
+
+
 def read_config_dict(pretrained_model_name_or_path: str | os.PathLike | None, **kwargs) -> dict[str, Any]:
     """The `config.json` of a checkpoint as it is on disk (empty when there is none).
 
@@ -301,9 +306,8 @@ def read_config_dict(pretrained_model_name_or_path: str | os.PathLike | None, **
     """
     if pretrained_model_name_or_path is None:
         return {}
-    hub_kwargs = {name: kwargs[name] for name in _HUB_KWARGS if name in kwargs}
     try:
-        config_dict, _ = PretrainedConfig.get_config_dict(pretrained_model_name_or_path, **hub_kwargs)
+        config_dict, _ = PretrainedConfig.get_config_dict(pretrained_model_name_or_path, **hub_kwargs(kwargs))
     except OSError:  # weights without a config.json, loaded with an explicit `config=`
         return {}
     return config_dict

@@ -88,8 +88,9 @@ def with_unquantized_modules(model_class: type, pretrained_model_name_or_path, k
     if not keep:
         return kwargs
     if not isinstance(config, PretrainedConfig):
-        hub_kwargs = {name: kwargs[name] for name in checkpoints._HUB_KWARGS if name in kwargs}
-        config = model_class.config_class.from_pretrained(pretrained_model_name_or_path, **hub_kwargs)
+        config = model_class.config_class.from_pretrained(
+            pretrained_model_name_or_path, **checkpoints.hub_kwargs(kwargs)
+        )
     else:
         config = copy.deepcopy(config)
     config.quantization_config = merge_skip_modules(stored, keep)
@@ -139,7 +140,7 @@ def _modules_stored_quantized(pretrained_model_name_or_path, kwargs: dict[str, A
 
 
 def _stored_weight_names(pretrained_model_name_or_path, kwargs: dict[str, Any]) -> list[str] | None:
-    hub_kwargs = {name: kwargs[name] for name in checkpoints._HUB_KWARGS if name in kwargs}
+    hub_kwargs = checkpoints.hub_kwargs(kwargs)
     for filename in ("model.safetensors.index.json", "model.safetensors"):
         try:
             resolved = cached_file(
