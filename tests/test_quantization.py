@@ -5,6 +5,7 @@ import json
 import pytest
 import torch
 import transformers
+from accelerate import infer_auto_device_map
 from checkpoint_helpers import build_reference_model, model_inputs, write_native_checkpoint
 from conftest import TINY_VISION_CONFIG, randomize_non_parameter_state, tiny_text_config
 from torch import nn
@@ -277,31 +278,43 @@ def test_native_checkpoint_in_4bit_keeps_the_vision_tower(tmp_path, apple_tokeni
 # Device maps
 
 
-DISK_OFFLOAD_ON_4_57 = pytest.mark.xfail(
-    int(transformers.__version__.split(".")[0]) < 5,
-    reason="transformers 4.57 puts the tied lm_head on disk without its weight (KeyError 'lm_head.weight'), and cannot "
-    "load the first module straight to disk ('device disk is invalid')",
-    strict=True,
-)
-
-
-@DISK_OFFLOAD_ON_4_57
 def test_device_map_offloads_the_language_model_to_disk_and_generates(quant_dir, quant_model, tmp_path):
     layer_bytes = sum(p.numel() * p.element_size() for p in quant_model.model.language_model.layers[0].parameters())
     total_bytes = sum(p.numel() * p.element_size() for p in quant_model.parameters())
     budget = total_bytes - 2 * layer_bytes
     model = load(quant_dir, device_map="auto", max_memory={"cpu": budget}, offload_folder=str(tmp_path))
-    devices = set(model.hf_device_map.values())
-    assert devices == {"cpu", "disk"}
+    # The tied output head goes to disk with the input embedding it shares.
+    assert model.hf_device_map["lm_head"] == "disk"
     assert model.hf_device_map["model.vision_tower"] == "cpu"
     assert torch.equal(greedy(model), greedy(quant_model))
 
 
-@DISK_OFFLOAD_ON_4_57
-def test_device_map_never_splits_the_vision_tower(quant_dir, quant_model, tmp_path):
-    vision_bytes = sum(p.numel() * p.element_size() for p in quant_model.model.vision_tower.parameters())
-    model = load(quant_dir, device_map="auto", max_memory={"cpu": vision_bytes // 2}, offload_folder=str(tmp_path))
-    assert "disk" in model.hf_device_map.values()
-    assert not [name for name in model.hf_device_map if name.startswith("model.vision_tower.")]
-    # An offloaded tower runs its BatchNorms unfolded: the same values up to rounding.
+def test_vision_tower_offloaded_to_disk_computes_the_same_features(quant_dir, quant_model, tmp_path):
+    device_map = dict.fromkeys(("model.multi_modal_projector", "model.language_model", "lm_head"), "cpu")
+    model = load(quant_dir, device_map={"model.vision_tower": "disk", **device_map}, offload_folder=str(tmp_path))
+    assert next(model.model.vision_tower.parameters()).device.type == "meta"
+    # Its BatchNorm statistics load from disk too, and an offloaded tower runs them unfolded: the same values up to
+    # rounding.
     torch.testing.assert_close(logits(model), logits(quant_model), rtol=1e-5, atol=1e-5)
+
+
+def placed_on(device_map, parameter_name):
+    """The device a (cleaned) accelerate device map gives a parameter: that of its longest listed prefix."""
+    prefixes = [name for name in device_map if name == "" or parameter_name.startswith(name + ".")]
+    return device_map[max(prefixes, key=len)]
+
+
+@pytest.mark.parametrize("declared", [True, False], ids=["declared-no-split-modules", "language-model-layers-only"])
+def test_auto_device_map_never_splits_the_vision_tower(quant_model, declared):
+    no_split = list(FastVLMForConditionalGeneration._no_split_modules) if declared else ["Qwen2DecoderLayer"]
+    vision_tower = [f"model.vision_tower.{name}" for name, _ in quant_model.model.vision_tower.named_parameters()]
+    vision_bytes = sum(p.numel() * p.element_size() for p in quant_model.model.vision_tower.parameters())
+    plenty = 10 * sum(p.numel() * p.element_size() for p in quant_model.parameters())
+    # The first accelerator could hold most of the tower, but not all of it with room to spare.
+    max_memory = {0: vision_bytes, 1: plenty, "cpu": plenty}
+    device_map = infer_auto_device_map(quant_model, max_memory=max_memory, no_split_module_classes=no_split)
+    devices = {placed_on(device_map, name) for name in vision_tower}
+    if declared:
+        assert len(devices) == 1
+    else:  # what declaring the tower in `_no_split_modules` prevents
+        assert devices == {0, 1}

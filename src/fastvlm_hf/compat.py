@@ -22,6 +22,7 @@ __all__ = [
     "IS_TRANSFORMERS_5",
     "PROCESSOR_CLASS_ATTRIBUTES",
     "PretrainedConfig",
+    "complete_disk_offload",
     "is_first_generation_step",
     "mismatched_key_names",
     "own_layout_save_kwargs",
@@ -80,3 +81,50 @@ def own_layout_save_kwargs(kwargs: dict[str, Any]) -> dict[str, Any]:
     if IS_TRANSFORMERS_5:
         kwargs.setdefault("save_original_format", False)
     return kwargs
+
+
+def complete_disk_offload(model: Any, tied_weights: dict[str, str]) -> None:
+    """4.x: fills two gaps `from_pretrained` leaves when it offloads modules to disk (5.x has neither).
+
+    - Buffers (BatchNorm statistics) of modules offloaded to disk are not loaded: accelerate's hooks keep buffers in
+      the module, and 4.x left them at their initial values, so the offloaded vision tower computed wrong features.
+    - The offload map (accelerate's `OffloadedWeightsLoader`, shared by every offloaded module's hook) is built from
+      the checkpoint's keys, and a tied weight (`{target: source}`) is not among them: an offloaded output head tied
+      to an offloaded input embedding found nothing to load (`KeyError: 'lm_head.weight'`).
+    """
+    if IS_TRANSFORMERS_5:
+        return
+    from accelerate.utils import set_module_tensor_to_device
+
+    for offloaded in _offloaded_weight_maps(model):
+        for name, buffer in model.named_buffers():
+            if name in offloaded.index and buffer.device.type != "meta":
+                set_module_tensor_to_device(model, name, buffer.device, value=offloaded[name])
+        if getattr(model.config, "tie_word_embeddings", False):
+            for target, source in tied_weights.items():
+                _alias_offloaded_weight(offloaded, target, source)
+
+
+def _alias_offloaded_weight(offloaded: Any, target: str, source: str) -> None:
+    if target in offloaded.state_dict or target in offloaded.index:
+        return
+    if source in offloaded.state_dict:
+        offloaded.state_dict[target] = offloaded.state_dict[source]
+    elif source in offloaded.index:
+        offloaded.index[target] = offloaded.index[source]
+    else:
+        return
+    offloaded.all_keys.append(target)
+
+
+def _offloaded_weight_maps(model: Any) -> list[Any]:
+    """The distinct `OffloadedWeightsLoader`s behind the accelerate hooks of `model`'s offloaded modules."""
+    found = {}
+    for module in model.modules():
+        hook = getattr(module, "_hf_hook", None)
+        for single_hook in getattr(hook, "hooks", (hook,)):
+            weights_map = getattr(single_hook, "weights_map", None)
+            loader = getattr(weights_map, "dataset", weights_map)  # a `PrefixedDataset` over the shared loader
+            if loader is not None and hasattr(loader, "index") and hasattr(loader, "state_dict"):
+                found[id(loader)] = loader
+    return list(found.values())

@@ -13,9 +13,18 @@ from transformers.cache_utils import Cache
 from transformers.modeling_outputs import BaseModelOutputWithPast, ModelOutput
 
 from . import checkpoints, quantization
-from .compat import is_first_generation_step, own_layout_save_kwargs, tied_weights_keys, weight_init
+from .compat import (
+    complete_disk_offload,
+    is_first_generation_step,
+    own_layout_save_kwargs,
+    tied_weights_keys,
+    weight_init,
+)
 from .configuration_fastvlm import FastVLMConfig
 from .modeling_fastvithd import FastViTHDModel
+
+# The output head shares the input embedding when `text_config.tie_word_embeddings` is set.
+TIED_WEIGHTS = {"lm_head.weight": "model.language_model.embed_tokens.weight"}
 
 
 @dataclass
@@ -90,18 +99,15 @@ class FastVLMPreTrainedModel(PreTrainedModel):
         tower, the projector and the output head stay in the compute dtype, whatever `llm_int8_skip_modules` says.
         """
         kwargs = quantization.with_unquantized_modules(cls, pretrained_model_name_or_path, kwargs)
-        if "key_mapping" in kwargs:  # the caller's own renaming
-            loaded = super().from_pretrained(pretrained_model_name_or_path, *model_args, **kwargs)
-            return quantization.keep_standard_4bit_layout(loaded)
-        key_mapping = checkpoints.key_mapping_for(pretrained_model_name_or_path, **kwargs)
-        if key_mapping is None:
-            loaded = super().from_pretrained(pretrained_model_name_or_path, *model_args, **kwargs)
-            return quantization.keep_standard_4bit_layout(loaded)
+        caller_renames = "key_mapping" in kwargs
+        key_mapping = None if caller_renames else checkpoints.key_mapping_for(pretrained_model_name_or_path, **kwargs)
+        if key_mapping is None:  # our own layout, or the caller's own renaming
+            return cls._after_loading(super().from_pretrained(pretrained_model_name_or_path, *model_args, **kwargs))
         output_loading_info = kwargs.pop("output_loading_info", False)
         # Misshapen weights are let through to be reported with the rest by `check_loading_info`.
         kwargs.update(key_mapping=key_mapping, output_loading_info=True, ignore_mismatched_sizes=True)
         model, loading_info = super().from_pretrained(pretrained_model_name_or_path, *model_args, **kwargs)
-        quantization.keep_standard_4bit_layout(model)
+        cls._after_loading(model)
         checkpoints.check_loading_info(model, loading_info, pretrained_model_name_or_path)
         if model.config.tie_word_embeddings:
             # Apple's checkpoints store the output embedding even when their config ties it; like Apple's loader, we
@@ -110,6 +116,14 @@ class FastVLMPreTrainedModel(PreTrainedModel):
         if model.can_generate():
             checkpoints.fill_generation_special_tokens(model.generation_config, model.config)
         return (model, loading_info) if output_loading_info else model
+
+    @classmethod
+    def _after_loading(cls, loaded):
+        """What every layout needs once transformers has loaded it (`loaded` may be a `(model, info)` pair)."""
+        model = loaded[0] if isinstance(loaded, tuple) else loaded
+        quantization.keep_standard_4bit_layout(model)
+        complete_disk_offload(model, TIED_WEIGHTS)
+        return loaded
 
     def save_pretrained(self, save_directory, *args, **kwargs):
         """Saves in this package's own layout, however the model was loaded (see `from_pretrained`)."""
@@ -283,7 +297,7 @@ class FastVLMForConditionalGeneration(FastVLMPreTrainedModel, GenerationMixin):
     >>> print(processor.decode(output[0, inputs["input_ids"].shape[1]:], skip_special_tokens=True))
     ```"""
 
-    _tied_weights_keys = tied_weights_keys({"lm_head.weight": "model.language_model.embed_tokens.weight"})
+    _tied_weights_keys = tied_weights_keys(TIED_WEIGHTS)
     _unquantized_modules = ("model.vision_tower", "model.multi_modal_projector", "lm_head")
 
     def __init__(self, config: FastVLMConfig):

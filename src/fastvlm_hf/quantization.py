@@ -97,15 +97,13 @@ def with_unquantized_modules(model_class: type, pretrained_model_name_or_path, k
     return {**kwargs, "config": config}
 
 
-def keep_standard_4bit_layout(loaded):
+def keep_standard_4bit_layout(model) -> None:
     """Stops bitsandbytes from repacking 4-bit weights for its AVX512-BF16 CPU kernels, which it otherwise does on
     their first CPU forward pass: its way back from that layout loses precision for some shapes (64 x 128 does),
-    and `save_pretrained` and `dequantize` both take it. `loaded` is what `from_pretrained` returns."""
-    model = loaded[0] if isinstance(loaded, tuple) else loaded
+    and `save_pretrained` and `dequantize` both take it."""
     for module in model.modules():
         if hasattr(module, "support_avx512bf16_for_cpu"):
             module.support_avx512bf16_for_cpu = False
-    return loaded
 
 
 def _skip_list(quantization_config: Any) -> list[str]:
