@@ -6,14 +6,16 @@ same weights, runs interleaved.
     python benchmarks/levers.py --output benchmarks/results/levers.json
     python benchmarks/levers.py --resolution 256 --repeats 1 --dtypes bf16        # smoke
 
-Also times the language-model side lever: Qwen2-0.5B prefill of a 282-token prompt with the output head on the last
-position only (`logits_to_keep=1`, what `generate` asks for) against all positions.
+Also times the language model's levers on Qwen2-0.5B in bf16: its linear weights packed for oneDNN's CPU kernels
+(`pack_weights()`) against plain ones, for the prefill of a 282-token prompt and for one decoding step after it; and the
+prefill's output head on the last position only (`logits_to_keep=1`, what `generate` asks for) against all positions.
 """
 
 from __future__ import annotations
 
 import argparse
 import contextlib
+import copy
 from collections.abc import Callable, Iterator
 
 import _torchvision_shim  # noqa: F401  (first: before anything imports torchvision)
@@ -35,6 +37,8 @@ from common import (
     relative_error,
     write_results,
 )
+
+from transformers import DynamicCache
 
 from fastvlm_hf import FastViTHDConfig, FastViTHDModel, FastVLMConfig, FastVLMForConditionalGeneration
 from fastvlm_hf import modeling_fastvithd as fastvithd
@@ -129,27 +133,59 @@ def time_vision(args: argparse.Namespace, dtype_name: str) -> list[list[str]]:
     return rows
 
 
-def time_prefill_head(args: argparse.Namespace) -> list[list[str]]:
+def time_language_model(args: argparse.Namespace) -> list[list[str]]:
+    """Qwen2-0.5B in bf16: the prefill of the prompt and one decoding step after it, with the language model's linear
+    weights packed for oneDNN (`pack_weights()`) or plain, and the prefill's output head on the last position or all."""
     config = FastVLMConfig(text_config={**QWEN2_COMMON, **QWEN2_SIZES["0.5b"]})
-    model = FastVLMForConditionalGeneration(config).to(args.device, torch.bfloat16).eval()
+    torch.manual_seed(args.seed)
+    plain = FastVLMForConditionalGeneration(config).to(args.device, torch.bfloat16).eval()
+    packed = copy.deepcopy(plain)
+    packed.pack_weights()
+    models = {"packed": packed, "plain": plain}
     input_ids = torch.randint(0, 151000, (1, PROMPT_TOKENS), device=args.device)
+    next_token = input_ids[:, -1:]
+    caches = {}
+    with torch.inference_mode():
+        for name, model in models.items():
+            caches[name] = DynamicCache()
+            model(input_ids=input_ids, past_key_values=caches[name], logits_to_keep=1)
 
-    def prefill(logits_to_keep: int):
+    def prefill(model, logits_to_keep: int):
         def call():
             with torch.inference_mode():
                 return model(input_ids=input_ids, logits_to_keep=logits_to_keep).logits
 
         return call
 
+    def decode_step(name: str):
+        def call():
+            with torch.inference_mode():
+                logits = models[name](input_ids=next_token, past_key_values=caches[name], logits_to_keep=1).logits
+            caches[name].crop(-1)  # drop the step's token again
+            return logits
+
+        return call
+
+    runs = {
+        "prefill, packed weights, head on the last position": prefill(packed, 1),
+        "prefill, plain weights, head on the last position": prefill(plain, 1),
+        "prefill, packed weights, head on all positions": prefill(packed, 0),
+    }
+    for name, call in runs.items():
+        error = relative_error(call()[:, -1].float(), runs["prefill, plain weights, head on the last position"]().float())
+        log(f"{name}: relative difference to plain weights {error:.1e}")
     log(f"timing Qwen2-0.5B prefill of {PROMPT_TOKENS} tokens (bf16)")
-    timings = interleave(
-        {"last position": prefill(1), "all positions": prefill(0)}, args.device, args.warmup, args.repeats
-    )
-    last = timings.stats("last position").median
-    return [
-        ["bf16", f"prefill, head on {name}", Stats.of(samples).ms(), f"{Stats.of(samples).median / last:.2f}×"]
-        for name, samples in timings.samples.items()
-    ]
+    prefill_timings = interleave(runs, args.device, args.warmup, args.repeats)
+    steps = {"decode step, packed weights": decode_step("packed"), "decode step, plain weights": decode_step("plain")}
+    log("timing Qwen2-0.5B decoding steps (bf16)")
+    step_timings = interleave(steps, args.device, args.warmup, 10 * args.repeats)
+    rows = []
+    for timings, reference in ((prefill_timings, next(iter(runs))), (step_timings, next(iter(steps)))):
+        shipped = timings.stats(reference).median
+        for name, samples in timings.samples.items():
+            stats = Stats.of(samples)
+            rows.append(["bf16", f"Qwen2-0.5B {name}", stats.ms(), f"{stats.median / shipped:.2f}×"])
+    return rows
 
 
 def main(argv: list[str] | None = None) -> None:
@@ -157,7 +193,7 @@ def main(argv: list[str] | None = None) -> None:
     parser.add_argument("--resolution", type=int, default=1024)
     parser.add_argument("--dtypes", type=parse_dtypes, default=["fp32", "bf16"], help="default: fp32,bf16")
     parser.add_argument("--repeats", type=int, default=3, help="timed runs of each variant (default: 3)")
-    parser.add_argument("--no-prefill", action="store_true", help="skip the language-model prefill lever")
+    parser.add_argument("--no-language-model", action="store_true", help="skip the language model's levers")
     add_common_arguments(parser)
     args = parser.parse_args(argv)
     configure_torch(args)
@@ -165,8 +201,8 @@ def main(argv: list[str] | None = None) -> None:
     rows = []
     for dtype_name in args.dtypes:
         rows += time_vision(args, dtype_name)
-    if not args.no_prefill:
-        rows += time_prefill_head(args)
+    if not args.no_language_model:
+        rows += time_language_model(args)
     machine = describe_machine(args.device)
     headers = ["dtype", "variant", "median (min–max) ms", "time / as shipped"]
     markdown = "\n".join(

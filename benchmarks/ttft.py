@@ -11,7 +11,8 @@ the prompt's words: one token per word or punctuation mark, as Qwen2's vocabular
 models keep Qwen2's real vocabulary size.
 
 - TTFT: each side's processor on the image and chat, then `generate(max_new_tokens=1)`.
-- Decode: `(t(generate N+1) - t(generate 1)) / N` with `min_new_tokens` so that nothing stops early.
+- Decode: the time from the first new token to the last of `generate(max_new_tokens=N+1)`, over N, read from a
+  streamer's timestamps; `min_new_tokens` so that nothing stops early.
 - Second turn: the answer to the first (`--answer-tokens`) and a new user question appended, generation continuing
   from the first turn's `DynamicCache` without `pixel_values`.
 - Floor: the FLOPs one TTFT run executes (FlopCounterMode on an untimed run) over the best rate of a large
@@ -28,6 +29,7 @@ import json
 import os
 import subprocess
 import sys
+import time
 from functools import partial
 from pathlib import Path
 from typing import Any
@@ -57,11 +59,13 @@ from common import (
     parse_list,
     peak_memory_bytes,
     reset_peak_memory,
+    synchronize,
     write_results,
 )
 from PIL import Image
 from tokenizers import Tokenizer, decoders, models, pre_tokenizers, trainers
 from transformers import CLIPImageProcessor, DynamicCache, LlavaProcessor, PreTrainedTokenizerFast
+from transformers.generation.streamers import BaseStreamer
 
 from fastvlm_hf import (
     FastVLMConfig,
@@ -100,6 +104,12 @@ def parse_arguments(argv: list[str] | None = None) -> argparse.Namespace:
     parser.add_argument("--new-tokens", type=int, default=64, help="N, the decoded tokens timed (default: 64)")
     parser.add_argument("--answer-tokens", type=int, default=16, help="length of the first answer (default: 16)")
     parser.add_argument("--memory", action=argparse.BooleanOptionalAction, default=True, help="measure peak memory")
+    parser.add_argument(
+        "--pack",
+        action=argparse.BooleanOptionalAction,
+        default=True,
+        help="on CPU, pack our language model's linear weights (`pack_weights()`), as the CLI does (default: on)",
+    )
     parser.add_argument("--memory-probe", choices=SIDES, help=argparse.SUPPRESS)  # the child process of --memory
     add_common_arguments(parser)
     args = parser.parse_args(argv)
@@ -192,6 +202,13 @@ def build_ours(config: FastVLMConfig, dtype: torch.dtype, device: str, seed: int
     return model
 
 
+def packed_for(args: argparse.Namespace, ours: FastVLMForConditionalGeneration) -> FastVLMForConditionalGeneration:
+    """`ours` with its language model's weights packed where `--pack` asks for it (CPU only)."""
+    if args.pack and args.device == "cpu":
+        ours.pack_weights()
+    return ours
+
+
 def build_native(config: FastVLMConfig, dtype: torch.dtype, device: str, ours=None) -> torch.nn.Module:
     """transformers' `FastVlmForConditionalGeneration` for `config`, with the weights of `ours` when given."""
     native_config = transformers.FastVlmConfig(**checkpoints.transformers_config_kwargs(config))
@@ -208,6 +225,23 @@ def generation_kwargs(tokenizer) -> dict[str, Any]:
         "eos_token_id": tokenizer.convert_tokens_to_ids("<|im_end|>"),
         "pad_token_id": tokenizer.pad_token_id,
     }
+
+
+class TokenClock(BaseStreamer):
+    """Times the tokens of `generate` calls: `put` receives the prompt, then each new token; at `end`, the time per
+    token from the first new token to the last is kept."""
+
+    def __init__(self, device: str):
+        self.device, self.stamps, self.seconds_per_token = device, [], []
+
+    def put(self, value) -> None:
+        synchronize(self.device)
+        self.stamps.append(time.perf_counter())
+
+    def end(self) -> None:
+        first, last = self.stamps[1], self.stamps[-1]  # stamps[0] is the prompt's
+        self.seconds_per_token.append((last - first) / (len(self.stamps) - 2))
+        self.stamps = []
 
 
 class Side:
@@ -263,29 +297,25 @@ def measure(sides: dict[str, Side], args: argparse.Namespace) -> dict[str, Any]:
     fresh_caches = {name: partial(copy.deepcopy, first_turns[name][1]) for name in sides}  # generate extends a cache
     turn2 = interleave(turn2_runs, device, warmup=1, repeats=args.repeats, prepare=fresh_caches)
     log(f"  {args.new_tokens + 1}-token generations")
-    decode_runs = {name: partial(side.generate, args.new_tokens + 1) for name, side in sides.items()}
-    decode = interleave(decode_runs, device, warmup=0, repeats=args.decode_repeats)
+    clocks = {name: TokenClock(device) for name in sides}
+    decode_runs = {
+        name: partial(side.generate, args.new_tokens + 1, streamer=clocks[name]) for name, side in sides.items()
+    }
+    interleave(decode_runs, device, warmup=0, repeats=args.decode_repeats)
     return {
         "prompt_tokens": prompt_tokens["ours"],
         "flops": flops,
         "preprocess_s": preprocess.samples,
         "ttft_s": ttft.samples,
-        "generate_n_plus_1_s": decode.samples,
+        "decode_s_per_token": {name: clock.seconds_per_token for name, clock in clocks.items()},
         "turn2_ttft_s": turn2.samples,
     }
 
 
-def decode_seconds_per_token(generate_samples: list[float], ttft_median: float, new_tokens: int) -> Stats:
-    return Stats.of([(seconds - ttft_median) / new_tokens for seconds in generate_samples])
-
-
-def summarize(raw: dict[str, Any], floor_rate: float, new_tokens: int) -> dict[str, Any]:
+def summarize(raw: dict[str, Any], floor_rate: float) -> dict[str, Any]:
     """Medians and ratios of one (size, dtype) from its samples."""
     ttft = {name: Stats.of(raw["ttft_s"][name]) for name in SIDES}
-    decode = {
-        name: decode_seconds_per_token(raw["generate_n_plus_1_s"][name], ttft[name].median, new_tokens)
-        for name in SIDES
-    }
+    decode = side_stats(raw, "decode_s_per_token")
     turn2 = {name: Stats.of(raw["turn2_ttft_s"][name]) for name in SIDES}
     work = min(raw["flops"].values())  # the least work either side needed for the same answer
     floor = work / floor_rate
@@ -317,8 +347,10 @@ def memory_probe(args: argparse.Namespace) -> None:
     reset_peak_memory(args.device)
     baseline = peak_memory_bytes(args.device) if args.device == "cpu" else 0
     dtype = DTYPES[dtype_name]
-    build = build_ours if args.memory_probe == "ours" else lambda c, d, dev, seed: build_native(c, d, dev)
-    model = build(config, dtype, args.device, args.seed).eval()
+    if args.memory_probe == "ours":
+        model = packed_for(args, build_ours(config, dtype, args.device, args.seed)).eval()
+    else:
+        model = build_native(config, dtype, args.device).eval()
     weights = sum(t.numel() * t.element_size() for t in [*model.parameters(), *model.buffers()])
     Side(model, processor, image, args.device, generation_kwargs(tokenizer)).generate(1)
     peak = peak_memory_bytes(args.device)
@@ -366,13 +398,10 @@ def side_stats(raw: dict[str, Any], key: str) -> dict[str, Stats]:
     return {name: Stats.of(raw[key][name]) for name in SIDES}
 
 
-def latency_cells(row: dict[str, Any], new_tokens: int) -> list[Any]:
+def latency_cells(row: dict[str, Any]) -> list[Any]:
     raw, summary = row["raw"], row["summary"]
     preprocess, ttft = side_stats(raw, "preprocess_s"), side_stats(raw, "ttft_s")
-    decode = {
-        name: decode_seconds_per_token(raw["generate_n_plus_1_s"][name], ttft[name].median, new_tokens)
-        for name in SIDES
-    }
+    decode = side_stats(raw, "decode_s_per_token")
     return [
         row["size"], row["dtype"], raw["prompt_tokens"],
         f"{preprocess['ours'].median * 1e3:.1f} / {preprocess['native'].median * 1e3:.1f}",
@@ -398,12 +427,18 @@ def footnote(results: dict[str, Any]) -> str:
     memory = "peak CUDA memory allocated" if settings["device"] == "cuda" else "resident-set high-water mark"
     return (
         f"Milliseconds, median (min–max) of interleaved runs; random weights, the same on both sides. TTFT includes "
-        f"each side's processor; decode = (t(generate {settings['new_tokens'] + 1}) − median TTFT) / "
-        f"{settings['new_tokens']}. Turn 2 continues from turn 1's cache after a {settings['answer_tokens']}-token "
+        f"each side's processor; decode = time from the first new token to the last of a "
+        f"{settings['new_tokens'] + 1}-token generation / {settings['new_tokens']}. {packing(settings)}Turn 2 continues from turn 1's cache after a {settings['answer_tokens']}-token "
         f"answer. Floor = FLOPs of one TTFT run / best large-matmul rate measured in this run ({rates}). Peak memory: "
         f"{memory} of a process that builds one model and runs one TTFT; in brackets, its growth from before the "
         f"model was built."
     )
+
+
+def packing(settings: dict[str, Any]) -> str:
+    if settings.get("pack") and settings["device"] == "cpu":
+        return "Ours runs with its language model's linear weights packed (`pack_weights()`, as the CLI does on CPU). "
+    return ""
 
 
 def markdown(results: dict[str, Any]) -> str:
@@ -412,7 +447,7 @@ def markdown(results: dict[str, Any]) -> str:
         f"### FastVLM TTFT and decode: fastvlm_hf vs transformers' FastVlmForConditionalGeneration "
         f"({settings['resolution']} px, {settings['device']})"
     )
-    latency_rows = [latency_cells(row, settings["new_tokens"]) for row in results["rows"]]
+    latency_rows = [latency_cells(row) for row in results["rows"]]
     more_rows = [more_cells(row) for row in results["rows"]]
     return "\n\n".join(
         [
@@ -434,6 +469,7 @@ def run_pair(size: str, dtype_name: str, args, tokenizer, processors, image) -> 
     log(f"{size} {dtype_name}: building both models")
     ours = build_ours(config, dtype, args.device, args.seed)
     native = build_native(config, dtype, args.device, ours)
+    packed_for(args, ours)
     generate_kwargs = generation_kwargs(tokenizer)
     sides = {
         "ours": Side(ours.eval(), processors["ours"], image, args.device, generate_kwargs),
@@ -472,7 +508,7 @@ def main(argv: list[str] | None = None) -> None:
             gc.collect()
             if args.device == "cuda":
                 torch.cuda.empty_cache()
-            row = {"size": size, "dtype": dtype_name, "raw": raw, "summary": summarize(raw, rate, args.new_tokens)}
+            row = {"size": size, "dtype": dtype_name, "raw": raw, "summary": summarize(raw, rate)}
             if args.memory:
                 log(f"{size} {dtype_name}: peak memory, one process per model")
                 row["memory"] = {side: measure_memory(size, dtype_name, side, args) for side in SIDES}

@@ -22,6 +22,7 @@ from .compat import (
 )
 from .configuration_fastvlm import FastVLMConfig
 from .modeling_fastvithd import FastViTHDModel
+from .packed_linear import pack_linear_layers, unpack_linear_layers
 
 # The output head shares the input embedding when `text_config.tie_word_embeddings` is set.
 TIED_WEIGHTS = {"lm_head.weight": "model.language_model.embed_tokens.weight"}
@@ -86,6 +87,8 @@ class FastVLMPreTrainedModel(PreTrainedModel):
     # Modules bitsandbytes leaves in the compute dtype (see `quantization.py`): full dotted names, which every
     # supported transformers version matches the same way.
     _unquantized_modules: tuple[str, ...] = ()
+    # Modules whose linear layers `pack_weights` packs for oneDNN's CPU kernels.
+    _packable_modules: tuple[str, ...] = ()
 
     @classmethod
     def from_pretrained(cls, pretrained_model_name_or_path, *model_args, **kwargs):
@@ -126,8 +129,34 @@ class FastVLMPreTrainedModel(PreTrainedModel):
         return loaded
 
     def save_pretrained(self, save_directory, *args, **kwargs):
-        """Saves in this package's own layout, however the model was loaded (see `from_pretrained`)."""
-        return super().save_pretrained(save_directory, *args, **own_layout_save_kwargs(kwargs))
+        """Saves in this package's own layout, however the model was loaded (see `from_pretrained`), with plain
+        weights whether or not `pack_weights` packed them."""
+        packed = self.unpack_weights()
+        try:
+            return super().save_pretrained(save_directory, *args, **own_layout_save_kwargs(kwargs))
+        finally:
+            if packed:
+                self.pack_weights()
+
+    def pack_weights(self) -> list[str]:
+        """For inference on CPU: stores the language model's linear weights (and the output head's) in the blocked
+        layout of oneDNN's kernels once, instead of on every call. Decoding steps and the prefill get faster and
+        the outputs stay the same (bit for bit in bfloat16). Layers that are quantized, not on CPU, or in another
+        dtype than bfloat16 or float32 are left as they are.
+
+        The packed layers have no gradient and do not move or cast: call `unpack_weights()` before training,
+        `.to(...)` or resizing the embeddings (`save_pretrained` unpacks on its own). A tied output head gets its own
+        packed copy of the input embedding. Returns the names of the layers packed.
+        """
+        return pack_linear_layers(self, self._packable_modules)
+
+    def unpack_weights(self) -> list[str]:
+        """Undoes `pack_weights`: plain `nn.Linear` layers again, the output head tied again if the config ties it.
+        Returns the names of the layers unpacked."""
+        unpacked = unpack_linear_layers(self)
+        if unpacked and self.config.tie_word_embeddings:
+            self.tie_weights()
+        return unpacked
 
     def _init_weights(self, module: nn.Module) -> None:
         # The vision tower and the language model are `PreTrainedModel`s that initialise themselves; what is left
@@ -145,6 +174,7 @@ class FastVLMModel(FastVLMPreTrainedModel):
     """
 
     _unquantized_modules = ("vision_tower", "multi_modal_projector")
+    _packable_modules = ("language_model",)
 
     def __init__(self, config: FastVLMConfig):
         super().__init__(config)
@@ -299,6 +329,7 @@ class FastVLMForConditionalGeneration(FastVLMPreTrainedModel, GenerationMixin):
 
     _tied_weights_keys = tied_weights_keys(TIED_WEIGHTS)
     _unquantized_modules = ("model.vision_tower", "model.multi_modal_projector", "lm_head")
+    _packable_modules = ("model.language_model", "lm_head")
 
     def __init__(self, config: FastVLMConfig):
         super().__init__(config)

@@ -1,0 +1,90 @@
+"""Linear layers whose weights oneDNN has reordered once into the blocked layout of its CPU kernels.
+
+A plain `nn.Linear` in bfloat16 or float32 on CPU pays that reorder on every call: for a decoding step (one token)
+it costs as much as the product itself. A `PackedLinear` holds the reordered weight instead of the plain one, and
+gives the same results (bit for bit in bfloat16 on contiguous inputs, to rounding in float32). It is for inference:
+it has no gradient, and it does not move between devices or dtypes (`unpack_linear_layers` gives back `nn.Linear`s).
+"""
+
+from __future__ import annotations
+
+import torch
+from torch import nn
+
+PACKABLE_DTYPES = (torch.float32, torch.bfloat16)
+# The kernels choose their blocked layout for an expected number of input rows; one row is a decoding step's.
+_EXPECTED_ROWS = 1
+
+
+def can_pack(module: nn.Module) -> bool:
+    """Whether `module` is a plain `nn.Linear` (not a quantized or other subclass) that `PackedLinear` can replace."""
+    if type(module) is not nn.Linear or not torch.backends.mkldnn.is_available():
+        return False
+    weight = module.weight
+    if weight.device.type != "cpu" or weight.dtype not in PACKABLE_DTYPES:
+        return False
+    return weight.dtype != torch.bfloat16 or torch.ops.mkldnn._is_mkldnn_bf16_supported()
+
+
+class PackedLinear(nn.Module):
+    """An inference-only `nn.Linear` whose weight is stored in oneDNN's blocked layout (see the module docstring).
+
+    `state_dict()` still holds the plain `weight`, so `save_pretrained` writes the usual checkpoint.
+    """
+
+    def __init__(self, linear: nn.Linear):
+        super().__init__()
+        if not can_pack(linear):
+            raise ValueError(f"cannot pack {linear}: only a CPU nn.Linear in {PACKABLE_DTYPES} can be packed")
+        self.in_features, self.out_features = linear.in_features, linear.out_features
+        self.dtype = linear.weight.dtype
+        self.weight_requires_grad = linear.weight.requires_grad
+        self.packed_weight = torch.ops.mkldnn._reorder_linear_weight(linear.weight.detach(), _EXPECTED_ROWS)
+        self.bias = linear.bias
+        self._register_state_dict_hook(_add_plain_weight)
+
+    def forward(self, hidden_states: torch.Tensor) -> torch.Tensor:
+        if hidden_states.device.type != "cpu" or hidden_states.dtype != self.dtype:
+            raise RuntimeError(
+                f"this layer's weight is packed for {self.dtype} on CPU but got {hidden_states.dtype} on "
+                f"{hidden_states.device}: call `unpack_weights()` before moving or casting the model"
+            )
+        if torch.is_grad_enabled() and (hidden_states.requires_grad or (self.bias is not None and self.bias.requires_grad)):
+            raise RuntimeError("packed linear layers have no gradient: call `unpack_weights()` before training")
+        return torch.ops.mkldnn._linear_pointwise(hidden_states, self.packed_weight, self.bias, "none", [], "")
+
+    def unpack(self) -> nn.Linear:
+        """A plain `nn.Linear` with this layer's weight and bias."""
+        with torch.device("meta"):
+            linear = nn.Linear(self.in_features, self.out_features, bias=self.bias is not None, dtype=self.dtype)
+        linear.weight = nn.Parameter(self.packed_weight.to_dense(), requires_grad=self.weight_requires_grad)
+        linear.bias = self.bias
+        return linear
+
+    def extra_repr(self) -> str:
+        return f"in_features={self.in_features}, out_features={self.out_features}, bias={self.bias is not None}"
+
+
+def _add_plain_weight(module: PackedLinear, state_dict: dict, prefix: str, local_metadata) -> None:
+    state_dict[prefix + "weight"] = module.packed_weight.to_dense()
+
+
+def pack_linear_layers(model: nn.Module, prefixes: tuple[str, ...]) -> list[str]:
+    """Replaces every packable `nn.Linear` under the submodules named in `prefixes` by a `PackedLinear`; returns the
+    names of the layers it packed."""
+    packed = []
+    for name, module in list(model.named_modules()):
+        if can_pack(module) and any(name == prefix or name.startswith(prefix + ".") for prefix in prefixes):
+            model.set_submodule(name, PackedLinear(module))
+            packed.append(name)
+    return packed
+
+
+def unpack_linear_layers(model: nn.Module) -> list[str]:
+    """Replaces every `PackedLinear` in `model` by the plain `nn.Linear` it stands for; returns their names."""
+    unpacked = []
+    for name, module in list(model.named_modules()):
+        if isinstance(module, PackedLinear):
+            model.set_submodule(name, module.unpack())
+            unpacked.append(name)
+    return unpacked
