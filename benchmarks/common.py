@@ -169,24 +169,31 @@ if hasattr(torch.ops.aten, "_scaled_dot_product_flash_attention_for_cpu"):
     _EXTRA_FLOP_FORMULAS[torch.ops.aten._scaled_dot_product_flash_attention_for_cpu] = _cpu_flash_attention_flops
 
 
-@contextlib.contextmanager
-def _fastvithd_unfused() -> Iterator[None]:
-    """FastViTHD's fused convolution + activation kernel (oneDNN, CPU inference) bypasses the dispatcher's Python
-    modes, so FlopCounterMode cannot see it; its unfused path does the same arithmetic, and is what gets counted."""
-    from fastvlm_hf import modeling_fastvithd
+def _dense_linear(self, hidden_states):
+    return torch.nn.functional.linear(hidden_states, self.packed_weight.to_dense(), self.bias)
 
-    original = modeling_fastvithd._onednn_can_fuse
+
+@contextlib.contextmanager
+def _counted_paths() -> Iterator[None]:
+    """The oneDNN kernels fastvlm_hf runs on CPU (FastViTHD's fused convolution + activation, the packed linear layers
+    of `pack_weights()`) bypass the dispatcher's Python modes, so FlopCounterMode cannot see them; their plain paths do
+    the same arithmetic, and are what gets counted."""
+    from fastvlm_hf import modeling_fastvithd
+    from fastvlm_hf.packed_linear import PackedLinear
+
+    originals = modeling_fastvithd._onednn_can_fuse, PackedLinear.forward
     modeling_fastvithd._onednn_can_fuse = lambda *args: False
+    PackedLinear.forward = _dense_linear
     try:
         yield
     finally:
-        modeling_fastvithd._onednn_can_fuse = original
+        modeling_fastvithd._onednn_can_fuse, PackedLinear.forward = originals
 
 
 def count_flops(fn: Callable[[], Any]) -> tuple[int, Any]:
     """Floating-point operations of the matmuls, convolutions and attention `fn()` runs (a multiply-add is 2), and
     its result."""
-    with _fastvithd_unfused(), FlopCounterMode(display=False, custom_mapping=_EXTRA_FLOP_FORMULAS) as counter:
+    with _counted_paths(), FlopCounterMode(display=False, custom_mapping=_EXTRA_FLOP_FORMULAS) as counter:
         result = fn()
     return counter.get_total_flops(), result
 

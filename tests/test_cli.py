@@ -16,7 +16,8 @@ from transformers import AutoModelForImageTextToText, AutoProcessor
 
 from fastvlm_hf import FastViTHDModel, FastVLMForConditionalGeneration, FastVLMModel
 from fastvlm_hf.chat import ChatSession
-from fastvlm_hf.cli import build_parser, describe_load_error, generation_kwargs, main
+from fastvlm_hf.cli import build_parser, describe_load_error, generation_kwargs, load_model, main
+from fastvlm_hf.packed_linear import PackedLinear
 
 PROMPT = "Describe the image."
 STATS_LABELS = ["preprocessing", "vision encoder", "prefill", "TTFT", "decode"]
@@ -93,6 +94,13 @@ def error_lines(err):
 
 # --------------------------------------------------------------------------------------------------
 # predict
+
+
+def test_cpu_model_runs_with_packed_language_model_weights(checkpoint):
+    model = load_model(str(checkpoint), "cpu", torch.float32)
+    assert isinstance(model.lm_head, PackedLinear)
+    assert isinstance(model.model.language_model.layers[0].mlp.down_proj, PackedLinear)
+    assert type(model.model.multi_modal_projector.linear_1) is torch.nn.Linear
 
 
 def test_streamed_answer_equals_the_non_streamed_text(checkpoint, reference, image_path, capsys):

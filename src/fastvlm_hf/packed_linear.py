@@ -72,19 +72,22 @@ def _add_plain_weight(module: PackedLinear, state_dict: dict, prefix: str, local
 def pack_linear_layers(model: nn.Module, prefixes: tuple[str, ...]) -> list[str]:
     """Replaces every packable `nn.Linear` under the submodules named in `prefixes` by a `PackedLinear`; returns the
     names of the layers it packed."""
-    packed = []
-    for name, module in list(model.named_modules()):
-        if can_pack(module) and any(name == prefix or name.startswith(prefix + ".") for prefix in prefixes):
-            model.set_submodule(name, PackedLinear(module))
-            packed.append(name)
-    return packed
+
+    def wanted(name: str, module: nn.Module) -> bool:
+        return can_pack(module) and any(name == prefix or name.startswith(prefix + ".") for prefix in prefixes)
+
+    return _replace(model, wanted, PackedLinear)
 
 
 def unpack_linear_layers(model: nn.Module) -> list[str]:
     """Replaces every `PackedLinear` in `model` by the plain `nn.Linear` it stands for; returns their names."""
-    unpacked = []
-    for name, module in list(model.named_modules()):
-        if isinstance(module, PackedLinear):
-            model.set_submodule(name, module.unpack())
-            unpacked.append(name)
-    return unpacked
+    return _replace(model, lambda name, module: isinstance(module, PackedLinear), PackedLinear.unpack)
+
+
+def _replace(model: nn.Module, wanted, replacement) -> list[str]:
+    # Names first, then one layer at a time, so that each old weight is freed before the next layer is converted:
+    # memory grows by one layer's weight at most, not by all of them.
+    names = [name for name, module in model.named_modules() if wanted(name, module)]
+    for name in names:
+        model.set_submodule(name, replacement(model.get_submodule(name)))
+    return names
