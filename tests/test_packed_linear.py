@@ -25,7 +25,8 @@ def model_in(tiny_model, dtype):
 
 
 def layer_types(model):
-    return {name: type(module) for name, module in model.named_modules() if isinstance(module, (nn.Linear, PackedLinear))}
+    layers = (nn.Linear, PackedLinear)
+    return {name: type(module) for name, module in model.named_modules() if isinstance(module, layers)}
 
 
 @pytest.mark.parametrize("dtype", [torch.bfloat16, torch.float32])

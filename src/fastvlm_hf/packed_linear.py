@@ -49,7 +49,8 @@ class PackedLinear(nn.Module):
                 f"this layer's weight is packed for {self.dtype} on CPU but got {hidden_states.dtype} on "
                 f"{hidden_states.device}: call `unpack_weights()` before moving or casting the model"
             )
-        if torch.is_grad_enabled() and (hidden_states.requires_grad or (self.bias is not None and self.bias.requires_grad)):
+        bias_needs_grad = self.bias is not None and self.bias.requires_grad
+        if torch.is_grad_enabled() and (hidden_states.requires_grad or bias_needs_grad):
             raise RuntimeError("packed linear layers have no gradient: call `unpack_weights()` before training")
         return torch.ops.mkldnn._linear_pointwise(hidden_states, self.packed_weight, self.bias, "none", [], "")
 
