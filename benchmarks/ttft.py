@@ -29,7 +29,6 @@ import json
 import os
 import subprocess
 import sys
-import time
 from functools import partial
 from pathlib import Path
 from typing import Any
@@ -59,13 +58,11 @@ from common import (
     parse_list,
     peak_memory_bytes,
     reset_peak_memory,
-    synchronize,
     write_results,
 )
 from PIL import Image
 from tokenizers import Tokenizer, decoders, models, pre_tokenizers, trainers
 from transformers import CLIPImageProcessor, DynamicCache, LlavaProcessor, PreTrainedTokenizerFast
-from transformers.generation.streamers import BaseStreamer
 
 from fastvlm_hf import (
     FastVLMConfig,
@@ -75,6 +72,7 @@ from fastvlm_hf import (
     checkpoints,
 )
 from fastvlm_hf.processing_fastvlm import DEFAULT_CHAT_TEMPLATE
+from fastvlm_hf.stats import TokenClock
 
 SIZES = {  # FastVLM's language models, and a tiny one for smoke runs
     "tiny": {"hidden_size": 128, "num_hidden_layers": 2, "num_attention_heads": 4, "num_key_value_heads": 2,
@@ -227,23 +225,6 @@ def generation_kwargs(tokenizer) -> dict[str, Any]:
     }
 
 
-class TokenClock(BaseStreamer):
-    """Times the tokens of `generate` calls: `put` receives the prompt, then each new token; at `end`, the time per
-    token from the first new token to the last is kept."""
-
-    def __init__(self, device: str):
-        self.device, self.stamps, self.seconds_per_token = device, [], []
-
-    def put(self, value) -> None:
-        synchronize(self.device)
-        self.stamps.append(time.perf_counter())
-
-    def end(self) -> None:
-        first, last = self.stamps[1], self.stamps[-1]  # stamps[0] is the prompt's
-        self.seconds_per_token.append((last - first) / (len(self.stamps) - 2))
-        self.stamps = []
-
-
 class Side:
     """One model with its processor: the calls the benchmark times."""
 
@@ -257,6 +238,13 @@ class Side:
     def generate(self, new_tokens: int, **kwargs):
         kwargs = {**self.generate_kwargs, "max_new_tokens": new_tokens, "min_new_tokens": new_tokens, **kwargs}
         return self.model.generate(**self.inputs(), **kwargs)
+
+    def timed_decode(self, new_tokens: int, seconds_per_token: list[float]) -> None:
+        """Generates `new_tokens + 1` tokens and appends the time per token after the first (streamer timestamps)."""
+        clock = TokenClock()
+        self.generate(new_tokens + 1, streamer=clock)
+        first, *_, last = clock.token_times
+        seconds_per_token.append((last - first) / new_tokens)
 
     def first_turn(self, answer_tokens: int) -> tuple[torch.Tensor, DynamicCache]:
         """The first turn's tokens (prompt and answer) and the cache it leaves."""
@@ -297,9 +285,9 @@ def measure(sides: dict[str, Side], args: argparse.Namespace) -> dict[str, Any]:
     fresh_caches = {name: partial(copy.deepcopy, first_turns[name][1]) for name in sides}  # generate extends a cache
     turn2 = interleave(turn2_runs, device, warmup=1, repeats=args.repeats, prepare=fresh_caches)
     log(f"  {args.new_tokens + 1}-token generations")
-    clocks = {name: TokenClock(device) for name in sides}
+    decode_s_per_token: dict[str, list[float]] = {name: [] for name in sides}
     decode_runs = {
-        name: partial(side.generate, args.new_tokens + 1, streamer=clocks[name]) for name, side in sides.items()
+        name: partial(side.timed_decode, args.new_tokens, decode_s_per_token[name]) for name, side in sides.items()
     }
     interleave(decode_runs, device, warmup=0, repeats=args.decode_repeats)
     return {
@@ -307,7 +295,7 @@ def measure(sides: dict[str, Side], args: argparse.Namespace) -> dict[str, Any]:
         "flops": flops,
         "preprocess_s": preprocess.samples,
         "ttft_s": ttft.samples,
-        "decode_s_per_token": {name: clock.seconds_per_token for name, clock in clocks.items()},
+        "decode_s_per_token": decode_s_per_token,
         "turn2_ttft_s": turn2.samples,
     }
 
