@@ -324,8 +324,18 @@ def eval_tower(config):
     return model.eval()
 
 
+@pytest.fixture(params=["whole maps", "pixel chunks"])
+def convffn_chunking(request, monkeypatch):
+    """Runs a test twice: with the ConvFFNs as the encoder picks at this size (maps too small for chunking), and with
+    every ConvFFN's pointwise layers over 37-pixel chunks (the last one shorter)."""
+    if request.param == "pixel chunks":
+        monkeypatch.setattr(modeling_fastvithd, "_CONVFFN_CHUNKING_MIN_BYTES", 0)
+        monkeypatch.setattr(modeling_fastvithd, "_CONVFFN_CHUNK_BYTES", 37 * 4 * 32)  # float32, 32 hidden channels
+    return request.param
+
+
 @torch.no_grad()
-def test_optimised_eval_path_matches_plain_math_in_float32(eval_tower):
+def test_optimised_eval_path_matches_plain_math_in_float32(eval_tower, convffn_chunking):
     # Eval mode runs channels-last with each ConvFFN BatchNorm folded into its convolution; the reference
     # applies every operation as written, in float64.
     pixel_values = torch.rand(2, 3, 128, 128, generator=torch.Generator().manual_seed(1))
@@ -402,3 +412,44 @@ def test_inference_kernels_match_the_differentiable_path(eval_tower):
     plain = eval_tower(pixel_values).last_hidden_state
     assert plain.requires_grad
     assert relative_error(fused, plain.detach().double()) <= 1e-6
+
+
+@torch.no_grad()
+def test_convffn_runs_its_pointwise_layers_in_chunks_on_large_maps(config, monkeypatch):
+    mlp = seeded(FastViTHDConvMlp(config, channels=8, hidden_channels=32))
+    x = torch.randn(2, 8, 9, 9).contiguous(memory_format=torch.channels_last)
+    assert modeling_fastvithd._convffn_chunk_pixels(mlp, x) is None  # 20 KiB of hidden activations: all at once
+    monkeypatch.setattr(modeling_fastvithd, "_CONVFFN_CHUNKING_MIN_BYTES", 0)
+    monkeypatch.setattr(modeling_fastvithd, "_CONVFFN_CHUNK_BYTES", 37 * 4 * 32)
+    assert modeling_fastvithd._convffn_chunk_pixels(mlp, x) == 37  # 162 pixels: 4 chunks of 37, then 14
+    chunked = mlp(x)
+    expected = conv_mlp_by_hand(copy.deepcopy(mlp).double(), x.double())
+    assert chunked.is_contiguous(memory_format=torch.channels_last)
+    assert relative_error(chunked, expected) <= 1e-6
+    assert relative_error(mlp.bfloat16()(x.bfloat16()), expected) <= 2e-2
+    with torch.enable_grad():
+        assert modeling_fastvithd._convffn_chunk_pixels(mlp, x) is None  # training runs the modules
+
+
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
+def test_channel_multiplier_convolution_runs_as_depthwise_over_repeated_channels(config, dtype):
+    embed = seeded(FastViTHDPatchEmbed(config, in_channels=8, out_channels=16))
+    large = embed.proj[0]
+    x = torch.randn(2, 8, 20, 20).contiguous(memory_format=torch.channels_last)
+    with torch.no_grad():
+        expected = conv_act_by_hand(copy.deepcopy(large).double(), x.double())  # grouped: 2 outputs per input channel
+    large = large.to(dtype)
+    with torch.no_grad():
+        assert modeling_fastvithd._can_run_as_depthwise(large.reparam_conv, x.to(dtype))
+        depthwise = large(x.to(dtype))
+    assert depthwise.is_contiguous(memory_format=torch.channels_last)
+    assert relative_error(depthwise, expected) <= (1e-6 if dtype == torch.float32 else 1e-2)
+    assert not modeling_fastvithd._can_run_as_depthwise(large.reparam_conv, x.to(dtype))  # with autograd: grouped
+    assert relative_error(large(x.to(dtype)).detach(), expected) <= (1e-6 if dtype == torch.float32 else 1e-2)
+
+
+def test_repeat_each_channel_keeps_channel_order_and_layout():
+    x = torch.arange(2 * 3 * 2 * 2, dtype=torch.float32).view(2, 3, 2, 2).contiguous(memory_format=torch.channels_last)
+    repeated = modeling_fastvithd._repeat_each_channel(x, 3)
+    assert torch.equal(repeated, x.repeat_interleave(3, dim=1))
+    assert repeated.is_contiguous(memory_format=torch.channels_last)

@@ -44,38 +44,80 @@ class FastViTHDActivation(nn.Module):
 _HAS_ONEDNN_FUSED_CONVOLUTION = torch.backends.mkldnn.is_available() and hasattr(
     torch.ops.mkldnn, "_convolution_pointwise"
 )
+_HAS_ONEDNN_FUSED_LINEAR = torch.backends.mkldnn.is_available() and hasattr(torch.ops.mkldnn, "_linear_pointwise")
 # The fused kernel repacks its weights on every call: it pays off on large maps (the first stages, 2× on CPU there),
 # not on the small maps of the last stages, whose weights are large.
 _ONEDNN_FUSION_MIN_PIXELS = 64 * 64
+# A ConvFFN whose hidden map is larger than this runs its pointwise layers a few thousand pixels at a time, each chunk's
+# hidden activations about `_CONVFFN_CHUNK_BYTES`: they stay in cache between the two layers, and the large hidden map
+# is never allocated (on Linux, allocations this large are fresh pages each time: page faults on every call).
+_CONVFFN_CHUNKING_MIN_BYTES = 32 * 2**20
+_CONVFFN_CHUNK_BYTES = 3 * 2**20
+# Most bytes of input a strided convolution with a channel multiplier may duplicate to run as a depthwise one.
+_DEPTHWISE_DUPLICATE_MAX_BYTES = 32 * 2**20
+
+
+def _cpu_inference(hidden_states: torch.Tensor, weight: torch.Tensor) -> bool:
+    """Whether a forward pass may take the CPU inference kernels: no autograd, no compiler, float32 or bfloat16 on the
+    CPU, weights present (accelerate keeps offloaded weights on the meta device until their module runs)."""
+    return (
+        torch.backends.mkldnn.enabled
+        and not torch.compiler.is_compiling()  # the compiler fuses by itself
+        and not torch.is_grad_enabled()  # the fused kernels have no backward
+        and hidden_states.device.type == "cpu"
+        and hidden_states.dtype in (torch.float32, torch.bfloat16)
+        and weight.device.type == "cpu"
+    )
 
 
 def _onednn_can_fuse(conv: nn.Conv2d, activation: FastViTHDActivation, hidden_states: torch.Tensor) -> bool:
     return (
         _HAS_ONEDNN_FUSED_CONVOLUTION
-        and not torch.compiler.is_compiling()  # the compiler fuses by itself
         and activation.onednn_post_op is not None
-        and not torch.is_grad_enabled()  # the fused kernel has no backward
-        and hidden_states.device.type == "cpu"
-        and hidden_states.dtype in (torch.float32, torch.bfloat16)
         and hidden_states.shape[-2] * hidden_states.shape[-1] >= _ONEDNN_FUSION_MIN_PIXELS
-        and conv.weight.device.type == "cpu"  # not on the meta device, where accelerate keeps offloaded weights
         and conv.padding_mode == "zeros"
-        and torch.backends.mkldnn.enabled
+        and _cpu_inference(hidden_states, conv.weight)
     )
 
 
+def _can_run_as_depthwise(conv: nn.Conv2d, hidden_states: torch.Tensor) -> bool:
+    """Whether `conv` (one input channel per group, several outputs each) should run as a depthwise convolution over
+    its input with every channel repeated: oneDNN's depthwise kernels are 2–4× faster than its grouped ones."""
+    multiplier = conv.out_channels // conv.in_channels
+    return (
+        conv.groups == conv.in_channels
+        and multiplier > 1
+        and conv.padding_mode == "zeros"
+        and hidden_states.numel() * multiplier * hidden_states.element_size() <= _DEPTHWISE_DUPLICATE_MAX_BYTES
+        and _cpu_inference(hidden_states, conv.weight)
+    )
+
+
+def _repeat_each_channel(hidden_states: torch.Tensor, repeats: int) -> torch.Tensor:
+    """(B, C, H, W) -> (B, C·repeats, H, W), channel c at c·repeats … c·repeats + repeats − 1; channels last."""
+    batch_size, channels, height, width = hidden_states.shape
+    pixels = hidden_states.permute(0, 2, 3, 1)
+    # stacking copies in long runs, where a reshape of an expanded view copies two elements at a time (3× slower)
+    repeated = torch.stack([pixels] * repeats, dim=-1)
+    return repeated.view(batch_size, height, width, channels * repeats).permute(0, 3, 1, 2)
+
+
 def convolve_and_activate(
-    conv: nn.Conv2d, activation: FastViTHDActivation, hidden_states: torch.Tensor
+    conv: nn.Conv2d, activation: FastViTHDActivation, hidden_states: torch.Tensor, groups: int | None = None
 ) -> torch.Tensor:
-    """`activation(conv(hidden_states))`. At inference on CPU, one oneDNN convolution with the activation applied to
-    its accumulators (the kernel torch.compile uses): no second pass over, and no second copy of, the output map;
-    1.5–2× faster for the wide maps of the first stages."""
+    """`activation(conv(hidden_states))`, with `groups` in place of the convolution's own where given. At inference on
+    CPU, one oneDNN convolution with the activation applied to its accumulators (the kernel torch.compile uses): no
+    second pass over, and no second copy of, the output map; 1.5–2× faster for the wide maps of the first stages."""
+    groups = conv.groups if groups is None else groups
     if not _onednn_can_fuse(conv, activation, hidden_states):
-        return activation(conv(hidden_states))
+        if groups == conv.groups:
+            return activation(conv(hidden_states))
+        return activation(
+            F.conv2d(hidden_states, conv.weight, conv.bias, conv.stride, conv.padding, conv.dilation, groups)
+        )
     post_op, algorithm = activation.onednn_post_op
     return torch.ops.mkldnn._convolution_pointwise(
-        hidden_states, conv.weight, conv.bias, conv.padding, conv.stride, conv.dilation, conv.groups, post_op, [],
-        algorithm,
+        hidden_states, conv.weight, conv.bias, conv.padding, conv.stride, conv.dilation, groups, post_op, [], algorithm
     )
 
 
@@ -114,9 +156,13 @@ class FastViTHDConvAct(nn.Module):
         self.act = FastViTHDActivation(hidden_act)
 
     def forward(self, hidden_states: torch.Tensor) -> torch.Tensor:
-        if isinstance(self.se, nn.Identity):
-            return convolve_and_activate(self.reparam_conv, self.act, hidden_states)
-        return self.act(self.se(self.reparam_conv(hidden_states)))
+        conv = self.reparam_conv
+        if not isinstance(self.se, nn.Identity):
+            return self.act(self.se(conv(hidden_states)))
+        if _can_run_as_depthwise(conv, hidden_states):
+            repeated = _repeat_each_channel(hidden_states, conv.out_channels // conv.in_channels)
+            return convolve_and_activate(conv, self.act, repeated, groups=conv.out_channels)
+        return convolve_and_activate(conv, self.act, hidden_states)
 
 
 class FastViTHDReparamDepthwiseConv(nn.Module):
@@ -178,7 +224,41 @@ class FastViTHDConvMlp(nn.Module):
         self.fc2 = nn.Conv2d(hidden_channels, channels, kernel_size=1)
 
     def forward(self, hidden_states: torch.Tensor) -> torch.Tensor:
-        return self.fc2(convolve_and_activate(self.fc1, self.act, self.conv(hidden_states)))
+        hidden_states = self.conv(hidden_states)
+        chunk_pixels = _convffn_chunk_pixels(self, hidden_states)
+        if chunk_pixels is None:
+            return self.fc2(convolve_and_activate(self.fc1, self.act, hidden_states))
+        return self._pointwise_layers_in_chunks(hidden_states, chunk_pixels)
+
+    def _pointwise_layers_in_chunks(self, hidden_states: torch.Tensor, chunk_pixels: int) -> torch.Tensor:
+        """fc1 → activation → fc2 as oneDNN linear layers over the pixels of a channels-last map, `chunk_pixels` at a
+        time (pointwise layers: each pixel on its own)."""
+        channels = hidden_states.shape[1]
+        pixels = hidden_states.permute(0, 2, 3, 1).reshape(-1, channels)
+        output = torch.empty_like(hidden_states, memory_format=torch.channels_last)
+        output_pixels = output.permute(0, 2, 3, 1).view(-1, channels)
+        fc1_weight, fc2_weight = self.fc1.weight.flatten(1), self.fc2.weight.flatten(1)
+        post_op, algorithm = self.act.onednn_post_op
+        for start in range(0, pixels.shape[0], chunk_pixels):
+            chunk = slice(start, start + chunk_pixels)
+            hidden = torch.ops.mkldnn._linear_pointwise(pixels[chunk], fc1_weight, self.fc1.bias, post_op, [], algorithm)
+            output_pixels[chunk] = torch.ops.mkldnn._linear_pointwise(hidden, fc2_weight, self.fc2.bias, "none", [], "")
+        return output
+
+
+def _convffn_chunk_pixels(mlp: FastViTHDConvMlp, hidden_states: torch.Tensor) -> int | None:
+    """How many pixels at a time `mlp` runs its pointwise layers on `hidden_states`; None: all at once, as modules."""
+    hidden_channels = mlp.fc1.out_channels
+    bytes_per_pixel = hidden_channels * hidden_states.element_size()
+    hidden_bytes = hidden_states.shape[0] * hidden_states.shape[2] * hidden_states.shape[3] * bytes_per_pixel
+    if (
+        not _HAS_ONEDNN_FUSED_LINEAR
+        or mlp.act.onednn_post_op is None
+        or hidden_bytes <= _CONVFFN_CHUNKING_MIN_BYTES
+        or not _cpu_inference(hidden_states, mlp.fc1.weight)
+    ):
+        return None
+    return max(1, _CONVFFN_CHUNK_BYTES // bytes_per_pixel)
 
 
 class FastViTHDLayerScale(nn.Module):
