@@ -239,10 +239,11 @@ class FastViTHDConvMlp(nn.Module):
         output_pixels = output.permute(0, 2, 3, 1).view(-1, channels)
         fc1_weight, fc2_weight = self.fc1.weight.flatten(1), self.fc2.weight.flatten(1)
         post_op, algorithm = self.act.onednn_post_op
+        linear = torch.ops.mkldnn._linear_pointwise
         for start in range(0, pixels.shape[0], chunk_pixels):
             chunk = slice(start, start + chunk_pixels)
-            hidden = torch.ops.mkldnn._linear_pointwise(pixels[chunk], fc1_weight, self.fc1.bias, post_op, [], algorithm)
-            output_pixels[chunk] = torch.ops.mkldnn._linear_pointwise(hidden, fc2_weight, self.fc2.bias, "none", [], "")
+            hidden = linear(pixels[chunk], fc1_weight, self.fc1.bias, post_op, [], algorithm)
+            output_pixels[chunk] = linear(hidden, fc2_weight, self.fc2.bias, "none", [], "")
         return output
 
 
