@@ -60,6 +60,10 @@ def _never(*args) -> bool:
     return False
 
 
+def _whole_maps(*args) -> None:
+    return None
+
+
 def _unfolded_conv_norm(self, hidden_states):
     return self.bn(self.conv(hidden_states))
 
@@ -87,6 +91,8 @@ LEVERS: dict[str, Callable[[], contextlib.AbstractContextManager]] = {
     "layer scale + residual in one op": lambda: patched(fastvithd.FastViTHDLayerScale, "forward", _unfused_layer_scale),
     "activations on the NHWC view": lambda: patched(fastvithd.FastViTHDActivation, "forward", _activation_on_the_tensor),
     "LayerNorm2d as F.layer_norm": lambda: patched(fastvithd.FastViTHDLayerNorm2d, "forward", _layer_norm_by_formula),
+    "downsampling convolutions as depthwise ones": lambda: patched(fastvithd, "_can_run_as_depthwise", _never),
+    "ConvFFN pointwise layers in pixel chunks": lambda: patched(fastvithd, "_convffn_chunk_pixels", _whole_maps),
 }
 
 
