@@ -175,19 +175,20 @@ def _dense_linear(self, hidden_states):
 
 @contextlib.contextmanager
 def _counted_paths() -> Iterator[None]:
-    """The oneDNN kernels fastvlm_hf runs on CPU (FastViTHD's fused convolution + activation, the packed linear layers
-    of `pack_weights()`) bypass the dispatcher's Python modes, so FlopCounterMode cannot see them; their plain paths do
-    the same arithmetic, and are what gets counted."""
+    """The oneDNN kernels fastvlm_hf runs on CPU (FastViTHD's fused convolution + activation and its chunked ConvFFN
+    layers, the packed linear layers of `pack_weights()`) bypass the dispatcher's Python modes, so FlopCounterMode
+    cannot see them; their plain paths do the same arithmetic, and are what gets counted."""
     from fastvlm_hf import modeling_fastvithd
     from fastvlm_hf.packed_linear import PackedLinear
 
-    originals = modeling_fastvithd._onednn_can_fuse, PackedLinear.forward
+    originals = modeling_fastvithd._onednn_can_fuse, modeling_fastvithd._convffn_chunk_pixels, PackedLinear.forward
     modeling_fastvithd._onednn_can_fuse = lambda *args: False
+    modeling_fastvithd._convffn_chunk_pixels = lambda *args: None
     PackedLinear.forward = _dense_linear
     try:
         yield
     finally:
-        modeling_fastvithd._onednn_can_fuse, PackedLinear.forward = originals
+        modeling_fastvithd._onednn_can_fuse, modeling_fastvithd._convffn_chunk_pixels, PackedLinear.forward = originals
 
 
 def count_flops(fn: Callable[[], Any]) -> tuple[int, Any]:
