@@ -422,6 +422,7 @@ def test_convffn_runs_its_pointwise_layers_in_chunks_on_large_maps(config, monke
     monkeypatch.setattr(modeling_fastvithd, "_CONVFFN_CHUNKING_MIN_BYTES", 0)
     monkeypatch.setattr(modeling_fastvithd, "_CONVFFN_CHUNK_BYTES", 37 * 4 * 32)
     assert modeling_fastvithd._convffn_chunk_pixels(mlp, x) == 37  # 162 pixels: 4 chunks of 37, then 14
+    assert modeling_fastvithd._convffn_chunk_pixels(mlp, x.contiguous()) is None  # NCHW maps keep their layout
     chunked = mlp(x)
     expected = conv_mlp_by_hand(copy.deepcopy(mlp).double(), x.double())
     assert chunked.is_contiguous(memory_format=torch.channels_last)
@@ -441,6 +442,7 @@ def test_channel_multiplier_convolution_runs_as_depthwise_over_repeated_channels
     large = large.to(dtype)
     with torch.no_grad():
         assert modeling_fastvithd._can_run_as_depthwise(large.reparam_conv, x.to(dtype))
+        assert not modeling_fastvithd._can_run_as_depthwise(large.reparam_conv, x.to(dtype).contiguous())  # NCHW
         depthwise = large(x.to(dtype))
     assert depthwise.is_contiguous(memory_format=torch.channels_last)
     assert relative_error(depthwise, expected) <= (1e-6 if dtype == torch.float32 else 1e-2)

@@ -88,13 +88,14 @@ def _can_run_as_depthwise(conv: nn.Conv2d, hidden_states: torch.Tensor) -> bool:
         conv.groups == conv.in_channels
         and multiplier > 1
         and conv.padding_mode == "zeros"
+        and hidden_states.is_contiguous(memory_format=torch.channels_last)
         and hidden_states.numel() * multiplier * hidden_states.element_size() <= _DEPTHWISE_DUPLICATE_MAX_BYTES
         and _cpu_inference(hidden_states, conv.weight)
     )
 
 
 def _repeat_each_channel(hidden_states: torch.Tensor, repeats: int) -> torch.Tensor:
-    """(B, C, H, W) -> (B, C·repeats, H, W), channel c at c·repeats … c·repeats + repeats − 1; channels last."""
+    """Channels-last (B, C, H, W) -> channels-last (B, C·repeats, H, W); channel c at c·repeats … (c+1)·repeats − 1."""
     batch_size, channels, height, width = hidden_states.shape
     pixels = hidden_states.permute(0, 2, 3, 1)
     # stacking copies in long runs, where a reshape of an expanded view copies two elements at a time (3× slower)
@@ -234,7 +235,7 @@ class FastViTHDConvMlp(nn.Module):
         """fc1 → activation → fc2 as oneDNN linear layers over the pixels of a channels-last map, `chunk_pixels` at a
         time (pointwise layers: each pixel on its own)."""
         channels = hidden_states.shape[1]
-        pixels = hidden_states.permute(0, 2, 3, 1).reshape(-1, channels)
+        pixels = hidden_states.permute(0, 2, 3, 1).view(-1, channels)
         output = torch.empty_like(hidden_states, memory_format=torch.channels_last)
         output_pixels = output.permute(0, 2, 3, 1).view(-1, channels)
         fc1_weight, fc2_weight = self.fc1.weight.flatten(1), self.fc2.weight.flatten(1)
@@ -255,6 +256,7 @@ def _convffn_chunk_pixels(mlp: FastViTHDConvMlp, hidden_states: torch.Tensor) ->
     if (
         not _HAS_ONEDNN_FUSED_LINEAR
         or mlp.act.onednn_post_op is None
+        or not hidden_states.is_contiguous(memory_format=torch.channels_last)
         or hidden_bytes <= _CONVFFN_CHUNKING_MIN_BYTES
         or not _cpu_inference(hidden_states, mlp.fc1.weight)
     ):
