@@ -49,8 +49,8 @@ _HAS_ONEDNN_FUSED_LINEAR = torch.backends.mkldnn.is_available() and hasattr(torc
 # not on the small maps of the last stages, whose weights are large.
 _ONEDNN_FUSION_MIN_PIXELS = 64 * 64
 # A ConvFFN whose hidden map is larger than this runs its pointwise layers a few thousand pixels at a time, each chunk's
-# hidden activations about `_CONVFFN_CHUNK_BYTES`: they stay in cache between the two layers, and the large hidden map
-# is never allocated (on Linux, allocations this large are fresh pages each time: page faults on every call).
+# hidden activations about `_CONVFFN_CHUNK_BYTES`, so the large hidden map is never allocated: glibc serves allocations
+# over 32 MiB with fresh pages, page faults on every call (about 13 ms per 50 MiB on the benchmark machine).
 _CONVFFN_CHUNKING_MIN_BYTES = 32 * 2**20
 _CONVFFN_CHUNK_BYTES = 3 * 2**20
 # Most bytes of input a strided convolution with a channel multiplier may duplicate to run as a depthwise one.
@@ -82,7 +82,7 @@ def _onednn_can_fuse(conv: nn.Conv2d, activation: FastViTHDActivation, hidden_st
 
 def _can_run_as_depthwise(conv: nn.Conv2d, hidden_states: torch.Tensor) -> bool:
     """Whether `conv` (one input channel per group, several outputs each) should run as a depthwise convolution over
-    its input with every channel repeated: oneDNN's depthwise kernels are 2–4× faster than its grouped ones."""
+    its input with every channel repeated: oneDNN's depthwise kernels are 2–3× faster than its grouped ones."""
     multiplier = conv.out_channels // conv.in_channels
     return (
         conv.groups == conv.in_channels
