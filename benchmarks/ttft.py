@@ -466,6 +466,12 @@ def run_pair(size: str, dtype_name: str, args, tokenizer, processors, image) -> 
     return measure(sides, args)
 
 
+def measure_matmul_rate(dtype_name: str, device: str) -> float:
+    rate = matmul_flops_per_second(DTYPES[dtype_name], device)
+    log(f"{dtype_name} matmul: {rate / 1e9:.0f} GFLOP/s")
+    return rate
+
+
 def main(argv: list[str] | None = None) -> None:
     args = parse_arguments(argv)
     configure_torch(args)
@@ -509,12 +515,6 @@ def main(argv: list[str] | None = None) -> None:
             log(json.dumps(row["summary"], indent=None))
         results["rows"].extend(rows)
     write_results(args.output, results, markdown(results))
-
-
-def measure_matmul_rate(dtype_name: str, device: str) -> float:
-    rate = matmul_flops_per_second(DTYPES[dtype_name], device)
-    log(f"{dtype_name} matmul: {rate / 1e9:.0f} GFLOP/s")
-    return rate
 
 
 if __name__ == "__main__":

@@ -327,10 +327,11 @@ def eval_tower(config):
 @pytest.fixture(params=["whole maps", "pixel chunks"])
 def convffn_chunking(request, monkeypatch):
     """Runs a test twice: with the ConvFFNs as the encoder picks at this size (maps too small for chunking), and with
-    every ConvFFN's pointwise layers over 37-pixel chunks (the last one shorter)."""
+    every ConvFFN's pointwise layers in chunks of 4736 bytes of float32 hidden activations (37 pixels in the first
+    stage, 18, 9, 4 and 2 in the wider later ones; each map's last chunk shorter)."""
     if request.param == "pixel chunks":
         monkeypatch.setattr(modeling_fastvithd, "_CONVFFN_CHUNKING_MIN_BYTES", 0)
-        monkeypatch.setattr(modeling_fastvithd, "_CONVFFN_CHUNK_BYTES", 37 * 4 * 32)  # float32, 32 hidden channels
+        monkeypatch.setattr(modeling_fastvithd, "_CONVFFN_CHUNK_BYTES", 37 * 4 * 32)
     return request.param
 
 
