@@ -60,10 +60,6 @@ def _never(*args) -> bool:
     return False
 
 
-def _whole_maps(*args) -> None:
-    return None
-
-
 def _unfolded_conv_norm(self, hidden_states):
     return self.bn(self.conv(hidden_states))
 
@@ -92,7 +88,10 @@ LEVERS: dict[str, Callable[[], contextlib.AbstractContextManager]] = {
     "activations on the NHWC view": lambda: patched(fastvithd.FastViTHDActivation, "forward", _activation_on_the_tensor),
     "LayerNorm2d as F.layer_norm": lambda: patched(fastvithd.FastViTHDLayerNorm2d, "forward", _layer_norm_by_formula),
     "downsampling convolutions as depthwise ones": lambda: patched(fastvithd, "_can_run_as_depthwise", _never),
-    "ConvFFN pointwise layers in pixel chunks": lambda: patched(fastvithd, "_convffn_chunk_pixels", _whole_maps),
+    "ConvFFN pointwise layers in pixel chunks": lambda: patched(fastvithd, "_CONVFFN_CHUNKING_MIN_BYTES", float("inf")),
+    "ConvFFN pointwise layers of small maps as linear layers": lambda: patched(
+        fastvithd, "_CONVFFN_LINEAR_MAX_PIXELS_PER_CHANNEL", 0
+    ),
 }
 
 

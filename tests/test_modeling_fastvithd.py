@@ -326,7 +326,8 @@ def eval_tower(config):
 
 @pytest.fixture(params=["whole maps", "pixel chunks"])
 def convffn_chunking(request, monkeypatch):
-    """Runs a test twice: with the ConvFFNs as the encoder picks at this size (maps too small for chunking), and with
+    """Runs a test twice: with the ConvFFNs as the encoder picks at this size (too small for chunking; the last two
+    stages, with fewer pixels than channels, as linear layers over all pixels), and with
     every ConvFFN's pointwise layers in chunks of 4736 bytes of float32 hidden activations (37 pixels in the first
     stage, 18, 9, 4 and 2 in the wider later ones; each map's last chunk shorter)."""
     if request.param == "pixel chunks":
@@ -431,6 +432,20 @@ def test_convffn_runs_its_pointwise_layers_in_chunks_on_large_maps(config, monke
     assert relative_error(mlp.bfloat16()(x.bfloat16()), expected) <= 2e-2
     with torch.enable_grad():
         assert modeling_fastvithd._convffn_chunk_pixels(mlp, x) is None  # training runs the modules
+
+
+@torch.no_grad()
+def test_convffn_runs_its_pointwise_layers_as_linear_layers_on_maps_with_few_pixels(config):
+    mlp = seeded(FastViTHDConvMlp(config, channels=8, hidden_channels=32))
+    x = torch.randn(2, 8, 2, 2).contiguous(memory_format=torch.channels_last)  # 8 pixels, 8 channels
+    assert modeling_fastvithd._convffn_chunk_pixels(mlp, x) == 8  # one chunk: every pixel
+    nine_pixels = torch.randn(1, 8, 3, 3).contiguous(memory_format=torch.channels_last)
+    assert modeling_fastvithd._convffn_chunk_pixels(mlp, nine_pixels) is None  # more pixels than channels: convolutions
+    expected = conv_mlp_by_hand(copy.deepcopy(mlp).double(), x.double())
+    as_linear = mlp(x)
+    assert as_linear.is_contiguous(memory_format=torch.channels_last)
+    assert relative_error(as_linear, expected) <= 1e-6
+    assert relative_error(mlp.bfloat16()(x.bfloat16()), expected) <= 2e-2
 
 
 @pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
