@@ -176,8 +176,8 @@ def _dense_linear(self, hidden_states):
 @contextlib.contextmanager
 def _counted_paths() -> Iterator[None]:
     """The oneDNN kernels fastvlm_hf runs on CPU (FastViTHD's fused convolution + activation and its ConvFFN layers
-    run as linear ones, the packed linear layers of `pack_weights()`) bypass the dispatcher's Python modes, so FlopCounterMode
-    cannot see them; their plain paths do the same arithmetic, and are what gets counted."""
+    run as linear ones, the packed linear layers of `pack_weights()`) bypass the dispatcher's Python modes, so
+    FlopCounterMode cannot see them; their plain paths do the same arithmetic, and are what gets counted."""
     from fastvlm_hf import modeling_fastvithd
     from fastvlm_hf.packed_linear import PackedLinear
 
