@@ -177,18 +177,25 @@ def _dense_linear(self, hidden_states):
 def _counted_paths() -> Iterator[None]:
     """The oneDNN kernels fastvlm_hf runs on CPU (FastViTHD's fused convolution + activation and its ConvFFN layers
     run as linear ones, the packed linear layers of `pack_weights()`) bypass the dispatcher's Python modes, so
-    FlopCounterMode cannot see them; their plain paths do the same arithmetic, and are what gets counted."""
+    FlopCounterMode cannot see them; their plain paths do the same arithmetic, and are what gets counted. The stem runs
+    on the whole map too: its bands recompute a few rows where they meet."""
     from fastvlm_hf import modeling_fastvithd
     from fastvlm_hf.packed_linear import PackedLinear
 
-    originals = modeling_fastvithd._onednn_can_fuse, modeling_fastvithd._convffn_chunk_pixels, PackedLinear.forward
-    modeling_fastvithd._onednn_can_fuse = lambda *args: False
-    modeling_fastvithd._convffn_chunk_pixels = lambda *args: None
-    PackedLinear.forward = _dense_linear
+    plain_paths = [
+        (modeling_fastvithd, "_onednn_can_fuse", lambda *args: False),
+        (modeling_fastvithd, "_convffn_chunk_pixels", lambda *args: None),
+        (modeling_fastvithd, "_STEM_BANDING_MIN_BYTES", float("inf")),
+        (PackedLinear, "forward", _dense_linear),
+    ]
+    originals = [getattr(owner, name) for owner, name, _ in plain_paths]
+    for owner, name, plain in plain_paths:
+        setattr(owner, name, plain)
     try:
         yield
     finally:
-        modeling_fastvithd._onednn_can_fuse, modeling_fastvithd._convffn_chunk_pixels, PackedLinear.forward = originals
+        for (owner, name, _), original in zip(plain_paths, originals):
+            setattr(owner, name, original)
 
 
 def count_flops(fn: Callable[[], Any]) -> tuple[int, Any]:

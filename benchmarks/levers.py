@@ -92,6 +92,7 @@ LEVERS: dict[str, Callable[[], contextlib.AbstractContextManager]] = {
     "ConvFFN pointwise layers of small maps as linear layers": lambda: patched(
         fastvithd, "_CONVFFN_LINEAR_MAX_PIXELS_PER_CHANNEL", 0
     ),
+    "stem in row bands": lambda: patched(fastvithd, "_STEM_BANDING_MIN_BYTES", float("inf")),
 }
 
 

@@ -324,20 +324,23 @@ def eval_tower(config):
     return model.eval()
 
 
-@pytest.fixture(params=["whole maps", "pixel chunks"])
-def convffn_chunking(request, monkeypatch):
-    """Runs a test twice: with the ConvFFNs as the encoder picks at this size (too small for chunking; the last two
-    stages, with fewer pixels than channels, as linear layers over all pixels), and with
+@pytest.fixture(params=["whole maps", "pixel chunks and row bands"])
+def chunking(request, monkeypatch):
+    """Runs a test twice: with the work split as the encoder picks at this size (maps too small for chunking; the last
+    two stages, with fewer pixels than channels, run their ConvFFNs as linear layers over all pixels), and with
     every ConvFFN's pointwise layers in chunks of 4736 bytes of float32 hidden activations (37 pixels in the first
-    stage, 18, 9, 4 and 2 in the wider later ones; each map's last chunk shorter)."""
-    if request.param == "pixel chunks":
+    stage, 18, 9, 4 and 2 in the wider later ones; each map's last chunk shorter) and the stem in bands of 3 output
+    rows (the first layer's output in 7-row bands for a batch of 2 at 128 px; the last band shorter)."""
+    if request.param == "pixel chunks and row bands":
         monkeypatch.setattr(modeling_fastvithd, "_CONVFFN_CHUNKING_MIN_BYTES", 0)
         monkeypatch.setattr(modeling_fastvithd, "_CONVFFN_CHUNK_BYTES", 37 * 4 * 32)
+        monkeypatch.setattr(modeling_fastvithd, "_STEM_BANDING_MIN_BYTES", 0)
+        monkeypatch.setattr(modeling_fastvithd, "_STEM_BAND_BYTES", 7 * 2 * 8 * 64 * 4)
     return request.param
 
 
 @torch.no_grad()
-def test_optimised_eval_path_matches_plain_math_in_float32(eval_tower, convffn_chunking):
+def test_optimised_eval_path_matches_plain_math_in_float32(eval_tower, chunking):
     # Eval mode runs channels-last with each ConvFFN BatchNorm folded into its convolution; the reference
     # applies every operation as written, in float64.
     pixel_values = torch.rand(2, 3, 128, 128, generator=torch.Generator().manual_seed(1))
@@ -446,6 +449,43 @@ def test_convffn_runs_its_pointwise_layers_as_linear_layers_on_maps_with_few_pix
     assert as_linear.is_contiguous(memory_format=torch.channels_last)
     assert relative_error(as_linear, expected) <= 1e-6
     assert relative_error(mlp.bfloat16()(x.bfloat16()), expected) <= 2e-2
+
+
+@pytest.mark.parametrize("first_layer_band_rows", [0, 10, 10**6])  # stem bands of 1 row, 5 rows, the whole map
+@pytest.mark.parametrize("fused", [True, False], ids=["fused kernels", "modules"])
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
+def test_stem_in_row_bands_matches_the_whole_map(eval_tower, monkeypatch, first_layer_band_rows, fused, dtype):
+    # A 48×96 image: the first layer's output is 24 rows of 48 pixels of 8 channels, the stem's 12 rows.
+    first_layer_row_bytes = 8 * 48 * dtype.itemsize
+    monkeypatch.setattr(modeling_fastvithd, "_STEM_BANDING_MIN_BYTES", 0)
+    monkeypatch.setattr(modeling_fastvithd, "_STEM_BAND_BYTES", first_layer_band_rows * first_layer_row_bytes)
+    monkeypatch.setattr(modeling_fastvithd, "_ONEDNN_FUSION_MIN_PIXELS", 0 if fused else math.inf)
+    pixel_values = torch.rand(1, 3, 48, 96, generator=torch.Generator().manual_seed(5))
+    pixel_values = pixel_values.contiguous(memory_format=torch.channels_last).to(dtype)
+    expected = pixel_values.double()
+    with torch.no_grad():
+        for layer in copy.deepcopy(eval_tower.stem).double():
+            expected = conv_act_by_hand(layer, expected)
+    stem = eval_tower.stem.to(dtype)
+    with torch.no_grad():
+        assert stem._band_rows(pixel_values, [48, 24, 12]) == max(1, first_layer_band_rows // 2)
+        banded = stem(pixel_values)
+    assert banded.shape == expected.shape
+    assert banded.is_contiguous(memory_format=torch.channels_last)
+    assert relative_error(banded, expected) <= (1e-6 if dtype == torch.float32 else 1e-2)
+
+
+def test_stem_runs_on_the_whole_map_with_autograd_or_nchw_input(eval_tower, monkeypatch):
+    monkeypatch.setattr(modeling_fastvithd, "_STEM_BANDING_MIN_BYTES", 0)
+    heights = [48, 24, 12]
+    pixel_values = torch.rand(1, 3, 48, 48).contiguous(memory_format=torch.channels_last)
+    with torch.no_grad():
+        assert eval_tower.stem._band_rows(pixel_values, heights) is not None
+        assert eval_tower.stem._band_rows(pixel_values.contiguous(), heights) is None  # NCHW
+    assert eval_tower.stem._band_rows(pixel_values, heights) is None  # autograd
+    monkeypatch.setattr(modeling_fastvithd, "_STEM_BANDING_MIN_BYTES", 2**20)
+    with torch.no_grad():
+        assert eval_tower.stem._band_rows(pixel_values, heights) is None  # a small first-layer map (18 KiB)
 
 
 @pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])

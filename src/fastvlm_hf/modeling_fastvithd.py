@@ -59,6 +59,11 @@ _CONVFFN_CHUNK_BYTES = 3 * 2**20
 _CONVFFN_LINEAR_MAX_PIXELS_PER_CHANNEL = 1
 # Most bytes of input a strided convolution with a channel multiplier may duplicate to run as a depthwise one.
 _DEPTHWISE_DUPLICATE_MAX_BYTES = 32 * 2**20
+# A stem whose first layer would output more than this runs over bands of rows, each band's first-layer output about
+# `_STEM_BAND_BYTES`: the full-size map of that layer (50 MiB in bfloat16 at 1024 px) is never allocated (the
+# page faults above; at 1024 px the stem is 2.5× faster in float32). Larger bands than this were slower.
+_STEM_BANDING_MIN_BYTES = 32 * 2**20
+_STEM_BAND_BYTES = 8 * 2**20
 
 
 def _cpu_inference(hidden_states: torch.Tensor, weight: torch.Tensor) -> bool:
@@ -108,21 +113,25 @@ def _repeat_each_channel(hidden_states: torch.Tensor, repeats: int) -> torch.Ten
 
 
 def convolve_and_activate(
-    conv: nn.Conv2d, activation: FastViTHDActivation, hidden_states: torch.Tensor, groups: int | None = None
+    conv: nn.Conv2d,
+    activation: FastViTHDActivation,
+    hidden_states: torch.Tensor,
+    groups: int | None = None,
+    padding: tuple[int, int] | None = None,
 ) -> torch.Tensor:
-    """`activation(conv(hidden_states))`, with `groups` in place of the convolution's own where given. At inference on
-    CPU, one oneDNN convolution with the activation applied to its accumulators (the kernel torch.compile uses): no
-    second pass over, and no second copy of, the output map; 1.5–2× faster for the wide maps of the first stages."""
+    """`activation(conv(hidden_states))`, with `groups` and `padding` in place of the convolution's own where given.
+    At inference on CPU, one oneDNN convolution with the activation applied to its accumulators (the kernel
+    torch.compile uses): no second pass over, and no second copy of, the output map; 1.5–2× faster for the wide maps of
+    the first stages."""
     groups = conv.groups if groups is None else groups
+    padding = conv.padding if padding is None else padding
     if not _onednn_can_fuse(conv, activation, hidden_states):
-        if groups == conv.groups:
+        if groups == conv.groups and padding == conv.padding:
             return activation(conv(hidden_states))
-        return activation(
-            F.conv2d(hidden_states, conv.weight, conv.bias, conv.stride, conv.padding, conv.dilation, groups)
-        )
+        return activation(F.conv2d(hidden_states, conv.weight, conv.bias, conv.stride, padding, conv.dilation, groups))
     post_op, algorithm = activation.onednn_post_op
     return torch.ops.mkldnn._convolution_pointwise(
-        hidden_states, conv.weight, conv.bias, conv.padding, conv.stride, conv.dilation, groups, post_op, [], algorithm
+        hidden_states, conv.weight, conv.bias, padding, conv.stride, conv.dilation, groups, post_op, [], algorithm
     )
 
 
@@ -168,6 +177,59 @@ class FastViTHDConvAct(nn.Module):
             repeated = _repeat_each_channel(hidden_states, conv.out_channels // conv.in_channels)
             return convolve_and_activate(conv, self.act, repeated, groups=conv.out_channels)
         return convolve_and_activate(conv, self.act, hidden_states)
+
+
+class FastViTHDStem(nn.Sequential):
+    """Three convolution + activation layers, no squeeze-excite: 3×3 stride 2, 3×3 depthwise stride 2, 1×1.
+
+    At CPU inference on large images, it runs over bands of output rows, each computed from the rows of the image it
+    needs, so that the first layer's full-size output is never allocated (see `_STEM_BANDING_MIN_BYTES`).
+    """
+
+    def forward(self, pixel_values: torch.Tensor) -> torch.Tensor:
+        heights = [pixel_values.shape[2]]
+        for layer in self:
+            conv = layer.reparam_conv
+            heights.append((heights[-1] + 2 * conv.padding[0] - conv.kernel_size[0]) // conv.stride[0] + 1)
+        band_rows = self._band_rows(pixel_values, heights)
+        if band_rows is None:
+            return super().forward(pixel_values)
+        bands = []
+        for start in range(0, heights[-1], band_rows):
+            bands.append(self._rows(pixel_values, heights, start, min(start + band_rows, heights[-1])))
+        return torch.cat(bands, dim=2)
+
+    def _band_rows(self, pixel_values: torch.Tensor, heights: list[int]) -> int | None:
+        """Output rows per band, or None to run the layers on the whole map."""
+        first = self[0].reparam_conv
+        if not (
+            pixel_values.is_contiguous(memory_format=torch.channels_last)
+            and _cpu_inference(pixel_values, first.weight)
+        ):
+            return None
+        first_width = (pixel_values.shape[3] + 2 * first.padding[1] - first.kernel_size[1]) // first.stride[1] + 1
+        first_row_bytes = pixel_values.shape[0] * first.out_channels * first_width * pixel_values.element_size()
+        if first_row_bytes * heights[1] <= _STEM_BANDING_MIN_BYTES:
+            return None
+        return max(1, heights[-1] * (_STEM_BAND_BYTES // first_row_bytes) // heights[1])
+
+    def _rows(self, pixel_values: torch.Tensor, heights: list[int], start: int, stop: int) -> torch.Tensor:
+        """Rows `start` to `stop` of the stem's output. Working back from them, each layer computes only the rows the
+        next one reads, its vertical zero padding added to the band only where the band meets the map's edge."""
+        spans = [(start, stop, 0, 0)]  # per layer input: rows read, and zero rows above and below them
+        for layer, height in zip(reversed(self), reversed(heights[:-1])):
+            conv = layer.reparam_conv
+            first = spans[0][0] * conv.stride[0] - conv.padding[0]
+            last = (spans[0][1] - 1) * conv.stride[0] - conv.padding[0] + conv.kernel_size[0]
+            spans.insert(0, (max(first, 0), min(last, height), max(-first, 0), max(last - height, 0)))
+        hidden_states = pixel_values[:, :, spans[0][0] : spans[0][1]]
+        for layer, (_, _, above, below) in zip(self, spans):
+            hidden_states = hidden_states.contiguous(memory_format=torch.channels_last)
+            if above or below:
+                hidden_states = F.pad(hidden_states, (0, 0, above, below))
+            conv = layer.reparam_conv
+            hidden_states = convolve_and_activate(conv, layer.act, hidden_states, padding=(0, conv.padding[1]))
+        return hidden_states
 
 
 class FastViTHDReparamDepthwiseConv(nn.Module):
@@ -443,7 +505,7 @@ class FastViTHDModel(FastViTHDPreTrainedModel):
     def __init__(self, config: FastViTHDConfig):
         super().__init__(config)
         stem_width = config.embed_dims[0]
-        self.stem = nn.Sequential(
+        self.stem = FastViTHDStem(
             FastViTHDConvAct(
                 config.num_channels, stem_width, config.stem_kernel_size, config.hidden_act, stride=config.stem_stride
             ),
