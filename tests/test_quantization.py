@@ -293,9 +293,10 @@ def test_vision_tower_offloaded_to_disk_computes_the_same_features(quant_dir, qu
     device_map = dict.fromkeys(("model.multi_modal_projector", "model.language_model", "lm_head"), "cpu")
     model = load(quant_dir, device_map={"model.vision_tower": "disk", **device_map}, offload_folder=str(tmp_path))
     assert next(model.model.vision_tower.parameters()).device.type == "meta"
-    # Its BatchNorm statistics load from disk too, and an offloaded tower runs them unfolded: the same values up to
-    # rounding.
-    torch.testing.assert_close(logits(model), logits(quant_model), rtol=1e-5, atol=1e-5)
+    # Its BatchNorm statistics load from disk too. An offloaded tower's weights stay on the meta device until each layer
+    # runs, so it takes the plain module paths (BatchNorm unfolded, every ConvFFN as convolutions, where the resident
+    # tower runs its last stages' as linear layers): the same values up to float32 rounding.
+    torch.testing.assert_close(logits(model), logits(quant_model), rtol=1e-4, atol=1e-4)
 
 
 def placed_on(device_map, parameter_name):
