@@ -169,6 +169,17 @@ if hasattr(torch.ops.aten, "_scaled_dot_product_flash_attention_for_cpu"):
     _EXTRA_FLOP_FORMULAS[torch.ops.aten._scaled_dot_product_flash_attention_for_cpu] = _cpu_flash_attention_flops
 
 
+@contextlib.contextmanager
+def patched(owner: object, name: str, value: object) -> Iterator[None]:
+    """`owner.name` set to `value` inside the block, restored after it."""
+    original = getattr(owner, name)
+    setattr(owner, name, value)
+    try:
+        yield
+    finally:
+        setattr(owner, name, original)
+
+
 def _dense_linear(self, hidden_states):
     return torch.nn.functional.linear(hidden_states, self.packed_weight.to_dense(), self.bias)
 
@@ -182,20 +193,12 @@ def _counted_paths() -> Iterator[None]:
     from fastvlm_hf import modeling_fastvithd
     from fastvlm_hf.packed_linear import PackedLinear
 
-    plain_paths = [
-        (modeling_fastvithd, "_onednn_can_fuse", lambda *args: False),
-        (modeling_fastvithd, "_convffn_chunk_pixels", lambda *args: None),
-        (modeling_fastvithd, "_STEM_BANDING_MIN_BYTES", float("inf")),
-        (PackedLinear, "forward", _dense_linear),
-    ]
-    originals = [getattr(owner, name) for owner, name, _ in plain_paths]
-    for owner, name, plain in plain_paths:
-        setattr(owner, name, plain)
-    try:
+    with contextlib.ExitStack() as stack:
+        stack.enter_context(patched(modeling_fastvithd, "_onednn_can_fuse", lambda *args: False))
+        stack.enter_context(patched(modeling_fastvithd, "_convffn_chunk_pixels", lambda *args: None))
+        stack.enter_context(patched(modeling_fastvithd, "_STEM_BANDING_MIN_BYTES", float("inf")))
+        stack.enter_context(patched(PackedLinear, "forward", _dense_linear))
         yield
-    finally:
-        for (owner, name, _), original in zip(plain_paths, originals):
-            setattr(owner, name, original)
 
 
 def count_flops(fn: Callable[[], Any]) -> tuple[int, Any]:

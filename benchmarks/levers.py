@@ -16,7 +16,7 @@ from __future__ import annotations
 import argparse
 import contextlib
 import copy
-from collections.abc import Callable, Iterator
+from collections.abc import Callable
 
 import _torchvision_shim  # noqa: F401  (first: before anything imports torchvision)
 import torch
@@ -34,6 +34,7 @@ from common import (
     machine_line,
     markdown_table,
     parse_dtypes,
+    patched,
     relative_error,
     write_results,
 )
@@ -44,16 +45,6 @@ from fastvlm_hf import FastViTHDConfig, FastViTHDModel, FastVLMConfig, FastVLMFo
 from fastvlm_hf import modeling_fastvithd as fastvithd
 
 PROMPT_TOKENS = 282  # 256 image tokens at 1024 px and predict.py's prompt in the chat template
-
-
-@contextlib.contextmanager
-def patched(owner: object, name: str, value: object) -> Iterator[None]:
-    original = getattr(owner, name)
-    setattr(owner, name, value)
-    try:
-        yield
-    finally:
-        setattr(owner, name, original)
 
 
 def _never(*args) -> bool:

@@ -180,6 +180,11 @@ class FastViTHDConvAct(nn.Module):
         return convolve_and_activate(conv, self.act, hidden_states)
 
 
+def _output_length(conv: nn.Conv2d, length: int, dim: int) -> int:
+    """The output height (`dim=0`) or width (`dim=1`) of `conv` on an input `length` pixels high or wide."""
+    return (length + 2 * conv.padding[dim] - conv.kernel_size[dim]) // conv.stride[dim] + 1
+
+
 class FastViTHDStem(nn.Sequential):
     """Three convolution + activation layers, no squeeze-excite: 3×3 stride 2, 3×3 depthwise stride 2, 1×1.
 
@@ -190,8 +195,7 @@ class FastViTHDStem(nn.Sequential):
     def forward(self, pixel_values: torch.Tensor) -> torch.Tensor:
         heights = [pixel_values.shape[2]]
         for layer in self:
-            conv = layer.reparam_conv
-            heights.append((heights[-1] + 2 * conv.padding[0] - conv.kernel_size[0]) // conv.stride[0] + 1)
+            heights.append(_output_length(layer.reparam_conv, heights[-1], dim=0))
         band_rows = self._band_rows(pixel_values, heights)
         if band_rows is None:
             return super().forward(pixel_values)
@@ -208,7 +212,7 @@ class FastViTHDStem(nn.Sequential):
             and _cpu_inference(pixel_values, first.weight)
         ):
             return None
-        first_width = (pixel_values.shape[3] + 2 * first.padding[1] - first.kernel_size[1]) // first.stride[1] + 1
+        first_width = _output_length(first, pixel_values.shape[3], dim=1)
         first_row_bytes = pixel_values.shape[0] * first.out_channels * first_width * pixel_values.element_size()
         if first_row_bytes * heights[1] <= _STEM_BANDING_MIN_BYTES:
             return None
