@@ -43,6 +43,7 @@ from transformers import DynamicCache
 
 from fastvlm_hf import FastViTHDConfig, FastViTHDModel, FastVLMConfig, FastVLMForConditionalGeneration
 from fastvlm_hf import modeling_fastvithd as fastvithd
+from fastvlm_hf.compat import CACHE_NAME
 
 PROMPT_TOKENS = 282  # 256 image tokens at 1024 px and predict.py's prompt in the chat template
 
@@ -145,7 +146,7 @@ def time_language_model(args: argparse.Namespace) -> list[list[str]]:
     with torch.inference_mode():
         for name, model in models.items():
             caches[name] = DynamicCache()
-            model(input_ids=input_ids, past_key_values=caches[name], logits_to_keep=1)
+            model(input_ids=input_ids, logits_to_keep=1, **{CACHE_NAME: caches[name]})
 
     def prefill(model, logits_to_keep: int):
         def call():
@@ -157,7 +158,7 @@ def time_language_model(args: argparse.Namespace) -> list[list[str]]:
     def decode_step(name: str):
         def call():
             with torch.inference_mode():
-                logits = models[name](input_ids=next_token, past_key_values=caches[name], logits_to_keep=1).logits
+                logits = models[name](input_ids=next_token, logits_to_keep=1, **{CACHE_NAME: caches[name]}).logits
             caches[name].crop(-1)  # drop the step's token again
             return logits
 

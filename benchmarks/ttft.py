@@ -71,6 +71,7 @@ from fastvlm_hf import (
     FastVLMProcessor,
     checkpoints,
 )
+from fastvlm_hf.compat import CACHE_NAME, cache_of
 from fastvlm_hf.processing_fastvlm import DEFAULT_CHAT_TEMPLATE
 from fastvlm_hf.stats import TokenClock
 
@@ -248,17 +249,15 @@ class Side:
 
     def first_turn(self, answer_tokens: int) -> tuple[torch.Tensor, DynamicCache]:
         """The first turn's tokens (prompt and answer) and the cache it leaves."""
-        output = self.generate(answer_tokens, past_key_values=DynamicCache(), return_dict_in_generate=True)
-        return output.sequences, output.past_key_values
+        output = self.generate(answer_tokens, return_dict_in_generate=True, **{CACHE_NAME: DynamicCache()})
+        return output.sequences, cache_of(output)
 
     def second_turn(self, first_turn_ids: torch.Tensor, cache: DynamicCache):
         tokenizer = self.processor.tokenizer
         follow_up = tokenizer(FOLLOW_UP_TURN, add_special_tokens=False, return_tensors="pt").input_ids
         input_ids = torch.cat([first_turn_ids, follow_up.to(self.device)], dim=1)
-        kwargs = {**self.generate_kwargs, "max_new_tokens": 1, "min_new_tokens": 1}
-        return self.model.generate(
-            input_ids=input_ids, attention_mask=torch.ones_like(input_ids), past_key_values=cache, **kwargs
-        )
+        kwargs = {**self.generate_kwargs, "max_new_tokens": 1, "min_new_tokens": 1, CACHE_NAME: cache}
+        return self.model.generate(input_ids=input_ids, attention_mask=torch.ones_like(input_ids), **kwargs)
 
 
 # ----------------------------------------------------------------------------------------------------------------------

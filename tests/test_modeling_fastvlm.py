@@ -8,6 +8,7 @@ from conftest import TINY_VISION_CONFIG, tiny_text_config
 from transformers import AutoConfig, AutoModel, AutoModelForImageTextToText, DynamicCache, Qwen2Model
 
 from fastvlm_hf import FastVLMConfig, FastVLMForConditionalGeneration, FastVLMModel
+from fastvlm_hf.compat import CACHE_NAME
 
 IMAGE_SIDE = 128  # 2×2 = 4 image tokens per image with the tiny encoder
 TOKENS_PER_IMAGE = 4
@@ -211,7 +212,7 @@ def test_second_turn_from_the_cache_equals_a_full_prefill_without_encoding_again
     pv = pixels()
     cache = DynamicCache()
     first = tiny_model.generate(
-        input_ids=prompt_ids(tiny_config), pixel_values=pv, past_key_values=cache, max_new_tokens=4, do_sample=False
+        input_ids=prompt_ids(tiny_config), pixel_values=pv, max_new_tokens=4, do_sample=False, **{CACHE_NAME: cache}
     )
     follow_up = torch.cat([first, torch.tensor([[2, 1, 9, 10, 11, 2, 1]])], dim=1)
     cached_length = cache.get_seq_length()
@@ -221,9 +222,9 @@ def test_second_turn_from_the_cache_equals_a_full_prefill_without_encoding_again
         second = tiny_model.generate(
             input_ids=follow_up,
             pixel_values=pv if pass_pixels_again else None,
-            past_key_values=cache,
             max_new_tokens=5,
             do_sample=False,
+            **{CACHE_NAME: cache},
         )
     finally:
         handle.remove()
@@ -239,7 +240,7 @@ def test_a_new_image_in_a_follow_up_turn_is_the_only_one_encoded(tiny_model, tin
     pv = pixels(num_images=2)
     cache = DynamicCache()
     first = tiny_model.generate(
-        input_ids=prompt_ids(tiny_config), pixel_values=pv[:1], past_key_values=cache, max_new_tokens=3, do_sample=False
+        input_ids=prompt_ids(tiny_config), pixel_values=pv[:1], max_new_tokens=3, do_sample=False, **{CACHE_NAME: cache}
     )
     new_turn = [2, 1, 9] + [tiny_config.image_token_id] * TOKENS_PER_IMAGE + [10, 2, 1]
     follow_up = torch.cat([first, torch.tensor([new_turn])], dim=1)
@@ -247,7 +248,7 @@ def test_a_new_image_in_a_follow_up_turn_is_the_only_one_encoded(tiny_model, tin
     calls, handle = count_vision_calls(tiny_model)
     try:
         second = tiny_model.generate(
-            input_ids=follow_up, pixel_values=pv, past_key_values=cache, max_new_tokens=4, do_sample=False
+            input_ids=follow_up, pixel_values=pv, max_new_tokens=4, do_sample=False, **{CACHE_NAME: cache}
         )
     finally:
         handle.remove()

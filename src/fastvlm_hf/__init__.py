@@ -9,6 +9,7 @@ from transformers import (
     AutoProcessor,
 )
 
+from .compat import UntestedTransformersWarning, warn_if_untested_transformers
 from .configuration_fastvithd import FastViTHDConfig
 from .configuration_fastvlm import FastVLMConfig, FastVLMLlavaQwen2Config
 from .image_processing_fastvlm import FastVLMImageProcessor
@@ -27,7 +28,10 @@ __all__ = [
     "FastVLMLlavaQwen2Config",
     "FastVLMModel",
     "FastVLMProcessor",
+    "UntestedTransformersWarning",
 ]
+
+warn_if_untested_transformers()
 
 # `exist_ok=True` makes a second import (e.g. after `importlib.reload`) harmless. transformers defines none of these
 # model types: `fastvithd` and `fastvlm` are ours, `llava_qwen2` is the one Apple's remote code declares.

@@ -17,6 +17,8 @@ from typing import Any
 
 import torch
 
+from .compat import CACHE_NAME, cache_of
+
 # A private-use character standing in for an answer while the chat template renders the text around it.
 _ANSWER_STAND_IN = "\ue000"
 
@@ -131,10 +133,9 @@ class ChatSession:
             output = self.model.generate(
                 input_ids=input_ids,
                 attention_mask=torch.ones_like(input_ids),
-                past_key_values=cache,
                 return_dict_in_generate=True,
                 streamer=timer.streamer if timer is not None else streamer,
-                **{**self.generation_kwargs, "max_new_tokens": max_new_tokens},
+                **{**self.generation_kwargs, "max_new_tokens": max_new_tokens, CACHE_NAME: cache},
                 **extra,
             )
         return self._record_turn(question, input_ids, output)
@@ -189,7 +190,7 @@ class ChatSession:
         """Keeps the sequence and cache of the finished turn and returns the answer's text."""
         is_first_turn = self.input_ids is None
         self.input_ids = output.sequences
-        self.cache = output.past_key_values
+        self.cache = cache_of(output)
         if is_first_turn and self._image_prefix is None:
             self._keep_image_prefix()
         answer = self.processor.decode(output.sequences[0, input_ids.shape[1] :], skip_special_tokens=True)

@@ -2,10 +2,14 @@
 
 from __future__ import annotations
 
-from typing import Any
+import functools
+import inspect
+import warnings
+from typing import Any, Callable
 
 import transformers
 from packaging import version
+from transformers.modeling_outputs import BaseModelOutputWithPast
 
 TRANSFORMERS_VERSION = version.parse(transformers.__version__)
 IS_TRANSFORMERS_5 = TRANSFORMERS_VERSION.major >= 5
@@ -18,20 +22,55 @@ except ImportError:  # 4.x: `from_pretrained` only calls `_init_weights` on modu
 from transformers import PretrainedConfig  # 5.x keeps the 4.x name as an alias of `PreTrainedConfig`
 
 __all__ = [
+    "CACHE_NAME",
+    "NEWEST_TESTED_TRANSFORMERS",
     "HAS_NATIVE_FAST_VLM",
     "IS_TRANSFORMERS_5",
     "PROCESSOR_CLASS_ATTRIBUTES",
     "PretrainedConfig",
+    "cache_of",
     "complete_disk_offload",
     "is_first_generation_step",
     "mismatched_key_names",
     "own_layout_save_kwargs",
+    "takes_cache",
     "tied_weights_keys",
+    "UntestedTransformersWarning",
+    "warn_if_untested_transformers",
     "weight_init",
 ]
 
+# The newest transformers release line the test suite runs on. `.ci/run` fails when the newest release is past it,
+# so raising it (after the suite passes on the new release) is part of supporting a new transformers.
+NEWEST_TESTED_TRANSFORMERS = "5.24"
+
+
+class UntestedTransformersWarning(UserWarning):
+    """The installed transformers is newer than any release fastvlm-hf was tested with."""
+
+
+def warn_if_untested_transformers() -> None:
+    """One line, once (at import), when transformers is newer than `NEWEST_TESTED_TRANSFORMERS`; nothing otherwise."""
+    newest_tested = version.parse(NEWEST_TESTED_TRANSFORMERS)
+    if (TRANSFORMERS_VERSION.major, TRANSFORMERS_VERSION.minor) <= (newest_tested.major, newest_tested.minor):
+        return
+    next_line = f"{newest_tested.major}.{newest_tested.minor + 1}"
+    warnings.warn(
+        f"fastvlm-hf is tested with transformers up to {NEWEST_TESTED_TRANSFORMERS}.x and transformers "
+        f"{transformers.__version__} is installed: if something fails, please report it on fastvlm-hf's issue "
+        f'tracker, and meanwhile use pip install "transformers<{next_line}".',
+        UntestedTransformersWarning,
+        stacklevel=3,
+    )
+
+
 # 5.0 and later ship transformers' own `fast_vlm` (`FastVlmConfig`, `FastVlmForConditionalGeneration`).
 HAS_NATIVE_FAST_VLM = hasattr(transformers, "FastVlmConfig")
+
+# The name of the KV cache in model inputs, outputs and `generate`'s kwargs: 5.24 renamed `past_key_values` to `cache`
+# (the old name still works on inputs, with a deprecation warning). Read from the output class, so that it follows
+# transformers instead of a version number.
+CACHE_NAME = "cache" if "cache" in BaseModelOutputWithPast.__dataclass_fields__ else "past_key_values"
 
 # 4.x finds a processor's parts through these class attributes; 5.x infers them from `__init__`'s parameters and
 # warns that the attributes are deprecated.
@@ -53,6 +92,35 @@ def tied_weights_keys(target_to_source: dict[str, str]) -> dict[str, str] | list
     return list(target_to_source)
 
 
+def cache_of(outputs_or_kwargs: Any) -> Any:
+    """The cache in a model output, a `generate` output or a dict of model inputs, under the installed name."""
+    return outputs_or_kwargs.get(CACHE_NAME)
+
+
+def takes_cache(forward: Callable) -> Callable:
+    """Lets a `forward` written with a `cache` parameter take it under the installed transformers' name.
+
+    From 5.24 on that name is `cache`, and the old `past_key_values` is renamed with transformers' own deprecation
+    warning, as transformers' models do. Before, the parameter is shown (to `generate`, which checks the names it
+    passes against the signature) and taken as `past_key_values`.
+    """
+    if CACHE_NAME == "cache":
+        from transformers.utils.deprecation import deprecate_kwarg
+
+        return deprecate_kwarg("past_key_values", "5.40.0", new_name="cache")(forward)
+    signature = inspect.signature(forward)
+    parameters = [p.replace(name=CACHE_NAME) if p.name == "cache" else p for p in signature.parameters.values()]
+
+    @functools.wraps(forward)
+    def forward_taking_past_key_values(*args, **kwargs):
+        if CACHE_NAME in kwargs:
+            kwargs["cache"] = kwargs.pop(CACHE_NAME)
+        return forward(*args, **kwargs)
+
+    forward_taking_past_key_values.__signature__ = signature.replace(parameters=parameters)
+    return forward_taking_past_key_values
+
+
 def is_first_generation_step(model_inputs: dict[str, Any], is_first_iteration: bool | None) -> bool:
     """Whether `generate` is preparing the prefill step of this call (which may continue from a filled cache).
 
@@ -65,8 +133,8 @@ def is_first_generation_step(model_inputs: dict[str, Any], is_first_iteration: b
     cache_position = model_inputs.get("cache_position")
     if cache_position is not None:
         return int(cache_position[0]) == 0 or cache_position.numel() > 1
-    past_key_values = model_inputs.get("past_key_values")
-    return past_key_values is None or past_key_values.get_seq_length() == 0
+    cache = cache_of(model_inputs)
+    return cache is None or cache.get_seq_length() == 0
 
 
 def mismatched_key_names(loading_info: dict[str, Any]) -> list[str]:
@@ -84,22 +152,22 @@ def own_layout_save_kwargs(kwargs: dict[str, Any]) -> dict[str, Any]:
 
 
 def complete_disk_offload(model: Any, tied_weights: dict[str, str]) -> None:
-    """4.x: fills two gaps `from_pretrained` leaves when it offloads modules to disk (5.x has neither).
+    """Fills two gaps `from_pretrained` leaves when it offloads modules to disk.
 
-    - Buffers (BatchNorm statistics) of modules offloaded to disk are not loaded: accelerate's hooks keep buffers in
-      the module, and 4.x left them at their initial values, so the offloaded vision tower computed wrong features.
-    - The offload map (accelerate's `OffloadedWeightsLoader`, shared by every offloaded module's hook) is built from
-      the checkpoint's keys, and a tied weight (`{target: source}`) is not among them: an offloaded output head tied
-      to an offloaded input embedding found nothing to load (`KeyError: 'lm_head.weight'`).
+    - 4.x: buffers (BatchNorm statistics) of modules offloaded to disk are not loaded: accelerate's hooks keep buffers
+      in the module, and 4.x left them at their initial values, so the offloaded vision tower computed wrong features.
+    - 4.x and early 5.x (5.0 among them): the offload map (accelerate's `OffloadedWeightsLoader`, shared by every
+      offloaded module's hook) is built from the checkpoint's keys, and a tied weight (`{target: source}`) is not among
+      them: an offloaded output head tied to an offloaded input embedding found nothing to load
+      (`KeyError: 'lm_head.weight'`). Releases that map it already are left as they are.
     """
-    if IS_TRANSFORMERS_5:
-        return
     from accelerate.utils import set_module_tensor_to_device
 
     for offloaded in _offloaded_weight_maps(model):
-        for name, buffer in model.named_buffers():
-            if name in offloaded.index and buffer.device.type != "meta":
-                set_module_tensor_to_device(model, name, buffer.device, value=offloaded[name])
+        if not IS_TRANSFORMERS_5:
+            for name, buffer in model.named_buffers():
+                if name in offloaded.index and buffer.device.type != "meta":
+                    set_module_tensor_to_device(model, name, buffer.device, value=offloaded[name])
         if getattr(model.config, "tie_word_embeddings", False):
             for target, source in tied_weights.items():
                 _alias_offloaded_weight(offloaded, target, source)

@@ -10,13 +10,16 @@ from torch import nn
 from transformers import AutoModel, GenerationMixin, PreTrainedModel
 from transformers.activations import ACT2FN
 from transformers.cache_utils import Cache
-from transformers.modeling_outputs import BaseModelOutputWithPast, ModelOutput
+from transformers.modeling_outputs import BaseModelOutputWithPast, CausalLMOutputWithPast
 
 from . import checkpoints, quantization
 from .compat import (
+    CACHE_NAME,
+    cache_of,
     complete_disk_offload,
     is_first_generation_step,
     own_layout_save_kwargs,
+    takes_cache,
     tied_weights_keys,
     weight_init,
 )
@@ -39,21 +42,12 @@ class FastVLMModelOutputWithPast(BaseModelOutputWithPast):
 
 
 @dataclass
-class FastVLMCausalLMOutputWithPast(ModelOutput):
+class FastVLMCausalLMOutputWithPast(CausalLMOutputWithPast):
     r"""
-    loss (`torch.FloatTensor` of shape `(1,)`, *optional*):
-        Next-token cross-entropy, when `labels` are given.
-    logits (`torch.FloatTensor` of shape `(batch_size, sequence_length, vocab_size)`):
-        Language-model head scores (only the last `logits_to_keep` positions when that is set).
     image_hidden_states (`torch.FloatTensor` of shape `(num_images, tokens_per_image, hidden_size)`, *optional*):
         Projected image features of this forward pass.
     """
 
-    loss: torch.FloatTensor | None = None
-    logits: torch.FloatTensor | None = None
-    past_key_values: Cache | None = None
-    hidden_states: tuple[torch.FloatTensor, ...] | None = None
-    attentions: tuple[torch.FloatTensor, ...] | None = None
     image_hidden_states: torch.FloatTensor | None = None
 
 
@@ -78,7 +72,7 @@ class FastVLMPreTrainedModel(PreTrainedModel):
     input_modalities = ("image", "text")
     supports_gradient_checkpointing = True
     _no_split_modules = ["FastViTHDModel", "Qwen2DecoderLayer"]
-    _skip_keys_device_placement = ["past_key_values"]
+    _skip_keys_device_placement = [CACHE_NAME]
     _supports_sdpa = True
     _supports_flash_attn = True
     _supports_flex_attn = True
@@ -227,7 +221,7 @@ class FastVLMModel(FastVLMPreTrainedModel):
         pixel_values: torch.Tensor | None,
         input_ids: torch.LongTensor | None,
         inputs_embeds: torch.Tensor,
-        past_key_values: Cache | None,
+        cache: Cache | None,
     ) -> torch.Tensor | None:
         """The images whose tokens are in this forward's input.
 
@@ -236,7 +230,7 @@ class FastVLMModel(FastVLMPreTrainedModel):
         encoded a second time. Only images at the end of the list can be new, which is unambiguous for a single
         sequence; a batch can only drop all of its images.
         """
-        cached_length = past_key_values.get_seq_length() if isinstance(past_key_values, Cache) else 0
+        cached_length = cache.get_seq_length() if isinstance(cache, Cache) else 0
         if pixel_values is None:
             if not cached_length:  # decoding steps skip this check (and its device sync)
                 num_image_tokens = int(self.image_token_mask(input_ids, inputs_embeds).sum())
@@ -259,13 +253,14 @@ class FastVLMModel(FastVLMPreTrainedModel):
             return pixel_values  # all of them, or a mismatch for `get_placeholder_mask` to report
         return pixel_values[len(pixel_values) - new_images :]
 
+    @takes_cache
     def forward(
         self,
         input_ids: torch.LongTensor | None = None,
         pixel_values: torch.FloatTensor | None = None,
         attention_mask: torch.Tensor | None = None,
         position_ids: torch.LongTensor | None = None,
-        past_key_values: Cache | None = None,
+        cache: Cache | None = None,
         inputs_embeds: torch.FloatTensor | None = None,
         use_cache: bool | None = None,
         output_attentions: bool | None = None,
@@ -281,7 +276,7 @@ class FastVLMModel(FastVLMPreTrainedModel):
             inputs_embeds = self.get_input_embeddings()(input_ids)
 
         image_features = None
-        pixel_values = self.images_to_encode(pixel_values, input_ids, inputs_embeds, past_key_values)
+        pixel_values = self.images_to_encode(pixel_values, input_ids, inputs_embeds, cache)
         if pixel_values is not None:
             image_features = self.get_image_features(pixel_values).to(inputs_embeds.device, inputs_embeds.dtype)
             image_mask = self.get_placeholder_mask(input_ids, inputs_embeds, image_features)
@@ -292,17 +287,17 @@ class FastVLMModel(FastVLMPreTrainedModel):
         outputs = self.language_model(
             attention_mask=attention_mask,
             position_ids=position_ids,
-            past_key_values=past_key_values,
             inputs_embeds=inputs_embeds,
             use_cache=use_cache,
             output_attentions=output_attentions,
             output_hidden_states=output_hidden_states,
             return_dict=True,
+            **{CACHE_NAME: cache},
             **kwargs,
         )
         output = FastVLMModelOutputWithPast(
             last_hidden_state=outputs.last_hidden_state,
-            past_key_values=outputs.past_key_values,
+            **{CACHE_NAME: cache_of(outputs)},
             hidden_states=outputs.hidden_states,
             attentions=outputs.attentions,
             image_hidden_states=image_features,
@@ -352,13 +347,14 @@ class FastVLMForConditionalGeneration(FastVLMPreTrainedModel, GenerationMixin):
     def get_image_features(self, pixel_values: torch.Tensor) -> torch.Tensor:
         return self.model.get_image_features(pixel_values)
 
+    @takes_cache
     def forward(
         self,
         input_ids: torch.LongTensor | None = None,
         pixel_values: torch.FloatTensor | None = None,
         attention_mask: torch.Tensor | None = None,
         position_ids: torch.LongTensor | None = None,
-        past_key_values: Cache | None = None,
+        cache: Cache | None = None,
         inputs_embeds: torch.FloatTensor | None = None,
         labels: torch.LongTensor | None = None,
         use_cache: bool | None = None,
@@ -381,7 +377,7 @@ class FastVLMForConditionalGeneration(FastVLMPreTrainedModel, GenerationMixin):
             pixel_values=pixel_values,
             attention_mask=attention_mask,
             position_ids=position_ids,
-            past_key_values=past_key_values,
+            cache=cache,
             inputs_embeds=inputs_embeds,
             use_cache=use_cache,
             output_attentions=output_attentions,
@@ -401,7 +397,7 @@ class FastVLMForConditionalGeneration(FastVLMPreTrainedModel, GenerationMixin):
         output = FastVLMCausalLMOutputWithPast(
             loss=loss,
             logits=logits,
-            past_key_values=outputs.past_key_values,
+            **{CACHE_NAME: cache_of(outputs)},
             hidden_states=outputs.hidden_states,
             attentions=outputs.attentions,
             image_hidden_states=outputs.image_hidden_states,
