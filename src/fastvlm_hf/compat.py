@@ -49,16 +49,17 @@ class UntestedTransformersWarning(UserWarning):
     """The installed transformers is newer than any release fastvlm-hf was tested with."""
 
 
-def warn_if_untested_transformers() -> None:
+def warn_if_untested_transformers(installed: version.Version | None = None) -> None:
     """One line, once (at import), when transformers is newer than `NEWEST_TESTED_TRANSFORMERS`; nothing otherwise."""
+    installed = installed or TRANSFORMERS_VERSION
     newest_tested = version.parse(NEWEST_TESTED_TRANSFORMERS)
-    if (TRANSFORMERS_VERSION.major, TRANSFORMERS_VERSION.minor) <= (newest_tested.major, newest_tested.minor):
+    if (installed.major, installed.minor) <= (newest_tested.major, newest_tested.minor):
         return
     next_line = f"{newest_tested.major}.{newest_tested.minor + 1}"
     warnings.warn(
-        f"fastvlm-hf is tested with transformers up to {NEWEST_TESTED_TRANSFORMERS}.x and transformers "
-        f"{transformers.__version__} is installed: if something fails, please report it on fastvlm-hf's issue "
-        f'tracker, and meanwhile use pip install "transformers<{next_line}".',
+        f"fastvlm-hf is tested with transformers up to {NEWEST_TESTED_TRANSFORMERS}.x and transformers {installed} is "
+        "installed: if something fails, please report it on fastvlm-hf's issue tracker, and meanwhile use "
+        f'pip install "transformers<{next_line}".',
         UntestedTransformersWarning,
         stacklevel=3,
     )
