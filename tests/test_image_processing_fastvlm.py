@@ -1,5 +1,7 @@
 """FastVLMImageProcessor: Apple's pad-to-square path, transformers' crop path, input types, errors, save/load."""
 
+import re
+
 import numpy as np
 import pytest
 import torch
@@ -265,9 +267,37 @@ def test_unusable_arrays_are_rejected(pad_processor, bad, message):
         pad_processor(bad)
 
 
-def test_non_rgb_input_without_conversion_is_rejected(pad_processor):
-    with pytest.raises(ValueError, match="mode 'L'"):
-        pad_processor(Image.new("L", (8, 8)), do_convert_rgb=False)
+def test_an_rgba_array_is_converted_as_the_same_pil_image_is(pad_processor):
+    rgba = np.random.default_rng(0).integers(0, 256, (90, 150, 4), dtype=np.uint8)
+    from_array = pad_processor(rgba, return_tensors="np")["pixel_values"]
+    from_pil = pad_processor(Image.fromarray(rgba, mode="RGBA"), return_tensors="np")["pixel_values"]
+    assert from_array.shape == (1, 3, 128, 128)
+    np.testing.assert_array_equal(from_array, from_pil)
+
+
+@pytest.mark.parametrize(
+    "mode, colour, channels", [("RGBA", (10, 20, 30, 255), 4), ("LA", (10, 255), 2), ("L", 77, 1), ("RGB", (1, 2, 3), 3)]
+)
+def test_without_conversion_an_image_keeps_its_channels(pad_processor, mode, colour, channels):
+    # square, uniform and opaque: resizing keeps every value (PIL resizes RGBA and LA with premultiplied alpha)
+    square = Image.new(mode, (64, 64), colour)
+    values = pad_processor(
+        square, do_convert_rgb=False, image_mean=[0.0] * channels, image_std=[1.0] * channels, return_tensors="np"
+    )["pixel_values"]
+    expected = np.asarray(colour if channels > 1 else (colour,), dtype=np.float64) / 255
+    assert values.shape == (1, channels, 128, 128)
+    np.testing.assert_allclose(values[0, :, 5, 7], expected, rtol=1e-6)
+
+
+def test_without_conversion_mean_and_std_need_one_value_per_channel(pad_processor):
+    with pytest.raises(ValueError, match=r"`image_mean` must be one float or one per image channel \(4 here\)"):
+        pad_processor(Image.new("RGBA", (8, 8)), do_convert_rgb=False, do_normalize=True)
+
+
+@pytest.mark.parametrize("mode", ["P", "CMYK", "I;16"])
+def test_without_conversion_other_modes_are_rejected(pad_processor, mode):
+    with pytest.raises(ValueError, match=f"mode '{re.escape(mode)}' with `do_convert_rgb=False`"):
+        pad_processor(Image.new(mode, (8, 8)), do_convert_rgb=False)
 
 
 # ----------------------------------------------------------------------------------------------------- save and load

@@ -211,6 +211,11 @@ def test_non_square_and_non_multiple_inputs(config):
             model(torch.rand(1, 3, 100, 128))
 
 
+def test_the_input_embedding_is_the_stem(config):
+    model = FastViTHDModel(config)
+    assert model.get_input_embeddings() is model.stem
+
+
 def test_default_config_is_fastvithd():
     config = FastViTHDConfig()
     assert config.depths == [2, 12, 24, 4, 2]

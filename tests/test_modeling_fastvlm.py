@@ -1,11 +1,20 @@
 """FastVLM model: image features, placeholder scattering, generation, loss, tying and serialisation."""
 
+import copy
 import math
 
 import pytest
 import torch
 from conftest import TINY_VISION_CONFIG, tiny_text_config
-from transformers import AutoConfig, AutoModel, AutoModelForImageTextToText, DynamicCache, Qwen2Model
+from transformers import (
+    AutoConfig,
+    AutoModel,
+    AutoModelForImageTextToText,
+    CompileConfig,
+    DynamicCache,
+    Qwen2ForCausalLM,
+    Qwen2Model,
+)
 
 from fastvlm_hf import FastVLMConfig, FastVLMForConditionalGeneration, FastVLMModel
 from fastvlm_hf.compat import CACHE_NAME
@@ -41,9 +50,11 @@ def test_language_model_is_transformers_qwen2_with_sdpa(tiny_model):
 @torch.no_grad()
 def test_image_features_are_projected_row_major_tokens(tiny_model):
     pv = pixels(2)
-    features = tiny_model.get_image_features(pv)
+    output = tiny_model.get_image_features(pv)
+    features = output.pooler_output  # transformers 5.x's convention: the projected features as `pooler_output`
     assert features.shape == (2, TOKENS_PER_IMAGE, 64)
     feature_map = tiny_model.model.vision_tower(pv).last_hidden_state  # (2, 256, 2, 2)
+    assert torch.equal(output.last_hidden_state, feature_map)
     tokens = torch.stack([feature_map[:, :, r, c] for r in range(2) for c in range(2)], dim=1)
     projector = tiny_model.model.multi_modal_projector
     hidden = tokens @ projector.linear_1.weight.T + projector.linear_1.bias
@@ -261,3 +272,84 @@ def test_a_new_image_in_a_follow_up_turn_is_the_only_one_encoded(tiny_model, tin
 def test_image_tokens_without_pixel_values_are_refused(tiny_model, tiny_config):
     with pytest.raises(ValueError, match="4 image tokens but no `pixel_values`"):
         tiny_model(input_ids=prompt_ids(tiny_config))
+
+
+def image_sensitive_model(config, seed, num_hidden_layers=None):
+    """A tiny FastVLM drawn at scales that let the image through to the logits and make greedy tokens vary (the
+    default initialisation all but erases the image and repeats one token)."""
+    config = copy.deepcopy(config)
+    if num_hidden_layers is not None:
+        config.text_config.num_hidden_layers = num_hidden_layers
+    torch.manual_seed(seed)
+    model = FastVLMForConditionalGeneration(config).eval()
+    generator = torch.Generator().manual_seed(seed)
+    with torch.no_grad():
+        for name, parameter in model.named_parameters():
+            if parameter.ndim > 1 or name.startswith("model.vision_tower."):
+                scale = 0.3 if name.startswith("model.vision_tower.") else 0.15
+                parameter.copy_(torch.randn(parameter.shape, generator=generator) * scale)
+    return model
+
+
+@torch.no_grad()
+def test_assisted_decoding_with_an_image_gives_the_main_models_greedy_tokens(tiny_config):
+    main = image_sensitive_model(tiny_config, seed=0)
+    assistant = image_sensitive_model(tiny_config, seed=1, num_hidden_layers=1)  # a smaller drafter, other weights
+    ids, pv = prompt_ids(tiny_config), pixels()
+    kwargs = {"max_new_tokens": 8, "min_new_tokens": 8, "do_sample": False}
+    expected = main.generate(input_ids=ids, pixel_values=pv, **kwargs)
+    assert not torch.equal(expected, main.generate(input_ids=ids, pixel_values=pv.flip(-1), **kwargs))
+
+    calls, handle = count_vision_calls(assistant)
+    try:
+        assisted = main.generate(input_ids=ids, pixel_values=pv, assistant_model=assistant, **kwargs)
+    finally:
+        handle.remove()
+    assert torch.equal(assisted, expected)
+    assert calls == [1]  # the drafter saw the image once, on its first call
+
+
+@torch.no_grad()
+def test_decoding_steps_compile_as_one_graph_with_a_static_cache(tiny_config):
+    model = image_sensitive_model(tiny_config, seed=0)
+    assert model._can_compile_fullgraph
+    kwargs = {"input_ids": prompt_ids(tiny_config), "pixel_values": pixels(), "max_new_tokens": 6,
+              "min_new_tokens": 6, "do_sample": False}
+    eager = model.generate(**kwargs)
+    compile_config = CompileConfig(fullgraph=True, backend="eager", dynamic=False)
+    compile_config._compile_all_devices = True  # transformers compiles on CUDA only, unless told otherwise
+    torch._dynamo.reset()
+    torch._dynamo.utils.counters.clear()
+    compiled = model.generate(**kwargs, cache_implementation="static", compile_config=compile_config)
+    assert torch._dynamo.utils.counters["stats"]["unique_graphs"] == 1  # fullgraph: one graph, or an error
+    assert torch.equal(compiled, eager)
+
+
+@pytest.mark.parametrize("flag, field", [("output_hidden_states", "hidden_states"), ("output_attentions", "attentions")])
+@torch.no_grad()
+def test_output_flags_set_on_the_config_are_honoured(tiny_config, flag, field):
+    config = copy.deepcopy(tiny_config)
+    config._attn_implementation = "eager"  # attention weights need the eager attention
+    setattr(config, flag, True)
+    model = FastVLMForConditionalGeneration(config).eval()
+    output = model(input_ids=prompt_ids(config), pixel_values=pixels())
+    assert len(getattr(output, field)) == config.text_config.num_hidden_layers + (field == "hidden_states")
+    assert getattr(model(input_ids=prompt_ids(config), pixel_values=pixels(), **{flag: False}), field) is None
+
+
+@torch.no_grad()
+def test_image_features_follow_transformers_output_conventions(tiny_model):
+    pv = pixels(2)
+    output = tiny_model.get_image_features(pv, output_hidden_states=True)
+    assert len(output.hidden_states) == 1 + len(TINY_VISION_CONFIG["depths"])  # the stem, then each stage
+    as_tuple = tiny_model.get_image_features(pv, return_dict=False)
+    assert isinstance(as_tuple, tuple)
+    assert torch.equal(as_tuple[0], output.last_hidden_state) and torch.equal(as_tuple[1], output.pooler_output)
+
+
+def test_the_output_head_has_the_language_models_tensor_parallel_plan(tiny_model):
+    # Qwen2 shards its input embedding; a tied head without a plan of its own mixes sharded and whole tensors.
+    plan = tiny_model._tp_plan
+    assert plan["lm_head"] == Qwen2ForCausalLM._tp_plan["lm_head"]
+    language_model_plan = tiny_model.model.language_model._tp_plan or {}
+    assert any("embed_tokens" in key for key in language_model_plan) or not language_model_plan

@@ -114,7 +114,7 @@ def test_image_features_match_transformers(models, inputs):
     ours, theirs = models[:2]
     # `pooler_output` holds the features as one tensor, or (5.0) as a list of one tensor per image
     expected = torch.stack(list(theirs.get_image_features(pixel_values=inputs["pixel_values"]).pooler_output))
-    actual = ours.get_image_features(inputs["pixel_values"])
+    actual = ours.get_image_features(inputs["pixel_values"]).pooler_output
     assert actual.shape == expected.shape == (1, 4, ours.config.text_config.hidden_size)
     error = relative_error(actual, expected)
     print(f"image features: max relative error {error:.3g}")

@@ -66,6 +66,23 @@ def test_image_tokens_follow_the_processed_size(tiny_tokenizer, size, expected_t
     assert out["pixel_values"].shape == (1, 3, size, size)
 
 
+@pytest.mark.parametrize("size", [None, 192])
+def test_the_number_of_tokens_an_image_costs_is_what_the_call_expands(processor, image, size):
+    # What transformers and vLLM ask before they build inputs: one entry per image, whatever its original size.
+    kwargs = {} if size is None else {"size": size}
+    counts = processor._get_num_multimodal_tokens(image_sizes=[(60, 100), (1000, 30)], **kwargs)
+    inputs = processor(images=[image], text="<image>", **kwargs)
+    expected = inputs["input_ids"][0].count(IMAGE_TOKEN_ID)
+    assert counts.num_image_tokens == [expected, expected] and counts.num_image_patches == [1, 1]
+    assert expected == (TOKENS_PER_IMAGE if size is None else (192 // 64) ** 2)
+
+
+@pytest.mark.parametrize("modality", ["videos", "audio"])
+def test_only_images_and_text_are_taken(processor, image, modality):
+    with pytest.raises(ValueError, match=f"FastVLM takes only images and text; got {modality}"):
+        processor(images=[image], text="<image>", **{modality: [np.zeros((4, 3, 8, 8))]})
+
+
 def test_images_are_matched_to_their_texts(processor, tiny_tokenizer, image):
     texts = ["<image><image>\nCount the objects.", "<image>\nWhat is in this picture?"]
     out = processor(images=[[image, image], [image]], text=texts, padding=True, return_tensors="pt")

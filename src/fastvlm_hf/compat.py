@@ -123,19 +123,22 @@ def takes_cache(forward: Callable) -> Callable:
 
 
 def is_first_generation_step(model_inputs: dict[str, Any], is_first_iteration: bool | None) -> bool:
-    """Whether `generate` is preparing the prefill step of this call (which may continue from a filled cache).
+    """Whether this step of `generate` must see the images: the prefill of a call (which may continue from a filled
+    cache with a new turn), or any step that starts an empty cache (an assistant model's first call in assisted
+    decoding, which 5.x makes with `is_first_iteration=False`).
 
     5.x passes `is_first_iteration`. Up to 5.3 (and on 4.x) `cache_position` tells instead: it starts at 0 on a fresh
     prefill, and spans more than the one new token of a decoding step when a call continues a cache with a new turn.
-    With neither, an empty cache means prefill.
     """
-    if is_first_iteration is not None:
-        return bool(is_first_iteration)
-    cache_position = model_inputs.get("cache_position")
-    if cache_position is not None:
-        return int(cache_position[0]) == 0 or cache_position.numel() > 1
+    if is_first_iteration:
+        return True
     cache = cache_of(model_inputs)
-    return cache is None or cache.get_seq_length() == 0
+    if cache is None or cache.get_seq_length() == 0:
+        return True
+    cache_position = model_inputs.get("cache_position")
+    if is_first_iteration is None and cache_position is not None:
+        return int(cache_position[0]) == 0 or cache_position.numel() > 1
+    return False
 
 
 def mismatched_key_names(loading_info: dict[str, Any]) -> list[str]:

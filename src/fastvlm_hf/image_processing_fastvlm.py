@@ -14,6 +14,8 @@ from . import checkpoints
 
 IMAGE_MODES = ("pad", "crop")
 _NUM_CHANNELS = (1, 3, 4)
+# PIL modes that `do_convert_rgb=False` passes through with their own channels.
+_MODES_KEPT_AS_THEY_ARE = ("L", "LA", "RGB", "RGBA")
 
 
 class FastVLMImageProcessorKwargs(ImagesKwargs, total=False):
@@ -57,11 +59,14 @@ class FastVLMImageProcessor(BaseImageProcessor):
         do_normalize (`bool`, *optional*, defaults to `False`):
             Whether to normalize with `image_mean` and `image_std`.
         image_mean (`float` or `list[float]`, *optional*, defaults to `[0.0, 0.0, 0.0]`):
-            Per-channel mean; also sets the pad colour, `int(mean * 255)` per channel.
+            Per-channel mean (one value means the same for every channel); also sets the pad colour,
+            `int(mean * 255)` per channel.
         image_std (`float` or `list[float]`, *optional*, defaults to `[1.0, 1.0, 1.0]`):
             Per-channel standard deviation.
         do_convert_rgb (`bool`, *optional*, defaults to `True`):
-            Whether to convert images to RGB. When `False`, inputs that are not RGB already raise an error.
+            Whether to convert images to RGB. When `False`, greyscale (`L`, `LA`), RGB and RGBA images keep their
+            channels (FastVLM itself takes RGB), `image_mean` and `image_std` need a value per channel, and other
+            modes raise an error.
 
     Example:
 
@@ -93,7 +98,7 @@ class FastVLMImageProcessor(BaseImageProcessor):
         **kwargs,
     ):
         super().__init__(**kwargs)
-        self.size = _size_dict(size if size is not None else {"height": 1024, "width": 1024})
+        self.size = size_dict(size if size is not None else {"height": 1024, "width": 1024})
         self.image_mode = image_mode
         self.patch_size = patch_size
         self.resample = resample
@@ -150,15 +155,15 @@ class FastVLMImageProcessor(BaseImageProcessor):
         Returns:
             [`BatchFeature`] with `pixel_values` of shape `(num_images, 3, height, width)`, float32.
         """
-        size = self.size if size is None else _size_dict(size)
+        size = self.size if size is None else size_dict(size)
         image_mode = self.image_mode if image_mode is None else image_mode
         patch_size = self.patch_size if patch_size is None else patch_size
         resample = self.resample if resample is None else resample
         do_rescale = self.do_rescale if do_rescale is None else do_rescale
         rescale_factor = self.rescale_factor if rescale_factor is None else rescale_factor
         do_normalize = self.do_normalize if do_normalize is None else do_normalize
-        image_mean = self.image_mean if image_mean is None else _per_channel(image_mean, "image_mean")
-        image_std = self.image_std if image_std is None else _per_channel(image_std, "image_std")
+        image_mean = self.image_mean if image_mean is None else image_mean
+        image_std = self.image_std if image_std is None else image_std
         do_convert_rgb = self.do_convert_rgb if do_convert_rgb is None else do_convert_rgb
         _check_geometry(size, image_mode, patch_size)
 
@@ -167,23 +172,26 @@ class FastVLMImageProcessor(BaseImageProcessor):
             raise ValueError("No images to process: got an empty list.")
 
         height, width = size["height"], size["width"]
-        pad_colour = tuple(int(m * 255) for m in image_mean)
         pixel_values = []
         for image in images:
             image = _to_rgb(_to_pil_image(image, input_data_format), do_convert_rgb)
+            num_channels = len(image.getbands())
+            mean = _per_channel(image_mean, "image_mean", num_channels)
+            std = _per_channel(image_std, "image_std", num_channels)
             if image_mode == "pad":
+                pad_colour = tuple(int(m * 255) for m in mean)
                 image = _pad_to_square(image, pad_colour).resize((width, height), resample)
             else:
                 image = _resize_shortest_edge(image, max(height, width), resample)
                 image = _center_crop(image, height, width)
-            pixels = np.asarray(image).transpose(2, 0, 1)  # (H, W, 3) uint8 -> (3, H, W)
+            pixels = np.atleast_3d(np.asarray(image)).transpose(2, 0, 1)  # (H, W, C) uint8 -> (C, H, W)
             if do_rescale:
                 # float64 first, as transformers' `rescale` does, so results match it to the last bit
                 pixels = pixels.astype(np.float64) * rescale_factor
             pixels = pixels.astype(np.float32)
             if do_normalize:
-                mean = np.asarray(image_mean, dtype=np.float32)[:, None, None]
-                std = np.asarray(image_std, dtype=np.float32)[:, None, None]
+                mean = np.asarray(mean, dtype=np.float32)[:, None, None]
+                std = np.asarray(std, dtype=np.float32)[:, None, None]
                 pixels = (pixels - mean) / std
             pixel_values.append(pixels)
 
@@ -199,7 +207,7 @@ def flatten_images(images: Any) -> list:
     return [images]
 
 
-def _size_dict(size: dict[str, int] | int) -> dict[str, int]:
+def size_dict(size: dict[str, int] | int) -> dict[str, int]:
     if isinstance(size, int) and not isinstance(size, bool):
         return {"height": size, "width": size}
     if isinstance(size, dict) and set(size) == {"height", "width"}:
@@ -207,10 +215,12 @@ def _size_dict(size: dict[str, int] | int) -> dict[str, int]:
     raise ValueError(f"`size` must be an int or a dict with keys 'height' and 'width', got {size!r}.")
 
 
-def _per_channel(value: float | list[float], name: str) -> list[float]:
-    values = [float(value)] * 3 if np.ndim(value) == 0 else [float(v) for v in value]
-    if len(values) != 3:
-        raise ValueError(f"`{name}` must be one float or three (one per RGB channel), got {value!r}.")
+def _per_channel(value: float | list[float], name: str, num_channels: int | None = None) -> list[float]:
+    """`value` as one float per channel: a single float stands for every channel (3 unless `num_channels` says)."""
+    values = [float(value)] * (num_channels or 3) if np.ndim(value) == 0 else [float(v) for v in value]
+    if not values or (num_channels is not None and len(values) != num_channels):
+        channels = "" if num_channels is None else f" ({num_channels} here)"
+        raise ValueError(f"`{name}` must be one float or one per image channel{channels}, got {value!r}.")
     return values
 
 
@@ -298,8 +308,11 @@ def _load_image(path_or_url: str) -> Image.Image:
 
 def _to_rgb(image: Image.Image, do_convert_rgb: bool) -> Image.Image:
     if not do_convert_rgb:
-        if image.mode != "RGB":
-            raise ValueError(f"Got an image in mode {image.mode!r} with `do_convert_rgb=False`; FastVLM needs RGB.")
+        if image.mode not in _MODES_KEPT_AS_THEY_ARE:
+            raise ValueError(
+                f"Got an image in mode {image.mode!r} with `do_convert_rgb=False`, which keeps only "
+                f"{', '.join(_MODES_KEPT_AS_THEY_ARE)} images as they are; FastVLM itself takes RGB."
+            )
         return image
     if image.mode.startswith("I;16"):
         # PIL's convert clips 16-bit values to 255; map 0-65535 onto 0-255 instead

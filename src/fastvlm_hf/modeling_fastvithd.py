@@ -535,6 +535,10 @@ class FastViTHDModel(FastViTHDPreTrainedModel):
         )
         self.post_init()
 
+    def get_input_embeddings(self) -> nn.Module:
+        """The stem: it embeds the pixels, as a vision transformer's patch embedding does."""
+        return self.stem
+
     def forward(
         self,
         pixel_values: torch.Tensor,

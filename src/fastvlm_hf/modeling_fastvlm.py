@@ -7,10 +7,10 @@ from dataclasses import dataclass
 
 import torch
 from torch import nn
-from transformers import AutoModel, GenerationMixin, PreTrainedModel
+from transformers import AutoModel, GenerationMixin, PreTrainedModel, Qwen2ForCausalLM
 from transformers.activations import ACT2FN
 from transformers.cache_utils import Cache
-from transformers.modeling_outputs import BaseModelOutputWithPast, CausalLMOutputWithPast
+from transformers.modeling_outputs import BaseModelOutputWithPast, BaseModelOutputWithPooling, CausalLMOutputWithPast
 
 from . import checkpoints, quantization
 from .compat import (
@@ -51,6 +51,10 @@ class FastVLMCausalLMOutputWithPast(CausalLMOutputWithPast):
     image_hidden_states: torch.FloatTensor | None = None
 
 
+def _cached_length(cache: Cache | None) -> int:
+    return cache.get_seq_length() if isinstance(cache, Cache) else 0
+
+
 class FastVLMMultiModalProjector(nn.Module):
     """Maps encoder features to the language model's width: Linear → GELU → Linear."""
 
@@ -77,6 +81,8 @@ class FastVLMPreTrainedModel(PreTrainedModel):
     _supports_flash_attn = True
     _supports_flex_attn = True
     _supports_attention_backend = True
+    # Decoding steps (no images, the cache passed in) run as one graph: `torch.compile(fullgraph=True)`, static caches.
+    _can_compile_fullgraph = True
     _keys_to_ignore_on_load_unexpected = [re.escape(key) for key in checkpoints.UNUSED_KEYS[checkpoints.APPLE]]
     # Modules bitsandbytes leaves in the compute dtype (see `quantization.py`): full dotted names, which every
     # supported transformers version matches the same way.
@@ -183,13 +189,30 @@ class FastVLMModel(FastVLMPreTrainedModel):
     def set_input_embeddings(self, value: nn.Module) -> None:
         self.language_model.set_input_embeddings(value)
 
-    def get_image_features(self, pixel_values: torch.Tensor) -> torch.Tensor:
-        """Projected features of each image: (num_images, tokens_per_image, text hidden size)."""
+    def get_image_features(
+        self,
+        pixel_values: torch.Tensor,
+        output_hidden_states: bool | None = None,
+        return_dict: bool | None = None,
+        **kwargs,
+    ) -> BaseModelOutputWithPooling | tuple:
+        """Encodes and projects images, as transformers' vision-language models do.
+
+        Returns `pooler_output`: the projected features, (num_images, tokens_per_image, text hidden size), the tokens
+        row-major over the encoder's feature map; `last_hidden_state`: that feature map, (num_images, vision hidden
+        size, H', W'); and with `output_hidden_states` the encoder's stem and stage outputs.
+        """
+        return_dict = return_dict if return_dict is not None else self.config.return_dict
         pixel_values = pixel_values.to(dtype=self.vision_tower.dtype)
-        feature_map = self.vision_tower(pixel_values, return_dict=True).last_hidden_state
+        encoded = self.vision_tower(pixel_values, output_hidden_states=output_hidden_states, return_dict=True)
         # (B, C, H', W') -> (B, H'*W', C), row-major; no copy for the tower's channels-last output
-        image_features = feature_map.permute(0, 2, 3, 1).flatten(1, 2)
-        return self.multi_modal_projector(image_features)
+        image_features = encoded.last_hidden_state.permute(0, 2, 3, 1).flatten(1, 2)
+        output = BaseModelOutputWithPooling(
+            last_hidden_state=encoded.last_hidden_state,
+            pooler_output=self.multi_modal_projector(image_features),
+            hidden_states=encoded.hidden_states,
+        )
+        return output if return_dict else output.to_tuple()
 
     def image_token_mask(self, input_ids: torch.LongTensor | None, inputs_embeds: torch.Tensor) -> torch.Tensor:
         """(batch, sequence) boolean mask of the image-token positions."""
@@ -230,9 +253,9 @@ class FastVLMModel(FastVLMPreTrainedModel):
         encoded a second time. Only images at the end of the list can be new, which is unambiguous for a single
         sequence; a batch can only drop all of its images.
         """
-        cached_length = cache.get_seq_length() if isinstance(cache, Cache) else 0
         if pixel_values is None:
-            if not cached_length:  # decoding steps skip this check (and its device sync)
+            # Decoding steps (the only steps that run compiled) skip this check and its device sync.
+            if not torch.compiler.is_compiling() and not _cached_length(cache):
                 num_image_tokens = int(self.image_token_mask(input_ids, inputs_embeds).sum())
                 if num_image_tokens:
                     raise ValueError(
@@ -240,7 +263,7 @@ class FastVLMModel(FastVLMPreTrainedModel):
                         "the prompt's `<image>` placeholders stand for (the processor returns both)."
                     )
             return None
-        if not cached_length:
+        if not _cached_length(cache):
             return pixel_values
         is_image_token = self.image_token_mask(input_ids, inputs_embeds)
         num_image_tokens = int(is_image_token.sum())
@@ -272,13 +295,18 @@ class FastVLMModel(FastVLMPreTrainedModel):
         if (input_ids is None) == (inputs_embeds is None):
             raise ValueError("Pass exactly one of `input_ids` and `inputs_embeds`.")
         return_dict = return_dict if return_dict is not None else self.config.return_dict
+        output_attentions = output_attentions if output_attentions is not None else self.config.output_attentions
+        output_hidden_states = (
+            output_hidden_states if output_hidden_states is not None else self.config.output_hidden_states
+        )
         if inputs_embeds is None:
             inputs_embeds = self.get_input_embeddings()(input_ids)
 
         image_features = None
         pixel_values = self.images_to_encode(pixel_values, input_ids, inputs_embeds, cache)
         if pixel_values is not None:
-            image_features = self.get_image_features(pixel_values).to(inputs_embeds.device, inputs_embeds.dtype)
+            image_features = self.get_image_features(pixel_values, return_dict=True).pooler_output
+            image_features = image_features.to(inputs_embeds.device, inputs_embeds.dtype)
             image_mask = self.get_placeholder_mask(input_ids, inputs_embeds, image_features)
             inputs_embeds = inputs_embeds.masked_scatter(image_mask, image_features)
 
@@ -323,6 +351,9 @@ class FastVLMForConditionalGeneration(FastVLMPreTrainedModel, GenerationMixin):
     ```"""
 
     _tied_weights_keys = tied_weights_keys(TIED_WEIGHTS)
+    # The language model is transformers' Qwen2 and brings its own plans; the head's are Qwen2's head's.
+    _tp_plan = {"lm_head": Qwen2ForCausalLM._tp_plan["lm_head"]}
+    _pp_plan = {"lm_head": Qwen2ForCausalLM._pp_plan["lm_head"]}
     _unquantized_modules = ("model.vision_tower", "model.multi_modal_projector", "lm_head")
     _packable_modules = ("model.language_model", "lm_head")
 
@@ -344,8 +375,8 @@ class FastVLMForConditionalGeneration(FastVLMPreTrainedModel, GenerationMixin):
     def set_output_embeddings(self, new_embeddings: nn.Module) -> None:
         self.lm_head = new_embeddings
 
-    def get_image_features(self, pixel_values: torch.Tensor) -> torch.Tensor:
-        return self.model.get_image_features(pixel_values)
+    def get_image_features(self, pixel_values: torch.Tensor, **kwargs) -> BaseModelOutputWithPooling | tuple:
+        return self.model.get_image_features(pixel_values, **kwargs)
 
     @takes_cache
     def forward(
@@ -410,7 +441,8 @@ class FastVLMForConditionalGeneration(FastVLMPreTrainedModel, GenerationMixin):
         if is_first_iteration is not None:  # only 5.x passes it, and its base method expects it
             kwargs["is_first_iteration"] = is_first_iteration
         model_inputs = super().prepare_inputs_for_generation(*args, **kwargs)
-        # Images are encoded once, on the prefill step; later steps reuse the cache.
+        # Images are encoded once, on the step that fills an empty cache (the prefill; an assistant model's first
+        # call in assisted decoding); later steps reuse the cache.
         if is_first_generation_step(model_inputs, is_first_iteration) or not kwargs.get("use_cache", True):
             model_inputs["pixel_values"] = pixel_values
         return model_inputs

@@ -5,11 +5,11 @@ from typing import Any
 from tokenizers import AddedToken
 from transformers import AutoTokenizer
 from transformers.feature_extraction_utils import BatchFeature
-from transformers.processing_utils import ProcessingKwargs, ProcessorMixin
+from transformers.processing_utils import MultiModalData, ProcessingKwargs, ProcessorMixin
 
 from . import checkpoints
 from .compat import PROCESSOR_CLASS_ATTRIBUTES
-from .image_processing_fastvlm import FastVLMImageProcessor, FastVLMImageProcessorKwargs, flatten_images
+from .image_processing_fastvlm import FastVLMImageProcessor, FastVLMImageProcessorKwargs, flatten_images, size_dict
 
 # ChatML, as Apple's `qwen_2` conversation: a default system message when the conversation has none; in each message
 # the images first, as consecutive `<image>` placeholders, then a newline and the text parts, one per line.
@@ -126,7 +126,22 @@ class FastVLMProcessor(ProcessorMixin):
         patch_size = self.image_processor.patch_size
         return (height // patch_size) * (width // patch_size)
 
-    def __call__(self, images=None, text=None, videos=None, audio=None, **kwargs) -> BatchFeature:
+    def _get_num_multimodal_tokens(self, image_sizes=None, **kwargs) -> MultiModalData:
+        """How many image tokens each image costs, for images of the given `(height, width)` sizes: every image is
+        resized to the same square (`size`, which may be overridden here as in `__call__`), so they all cost the same.
+        """
+        if image_sizes is None:
+            return MultiModalData()
+        images_kwargs = self._merge_kwargs(
+            FastVLMProcessorKwargs, tokenizer_init_kwargs=self.tokenizer.init_kwargs, **kwargs
+        )["images_kwargs"]
+        size = images_kwargs.get("size")
+        size = self.image_processor.size if size is None else size_dict(size)
+        tokens_per_image = self.num_image_tokens(size["height"], size["width"])
+        num_images = len(image_sizes)
+        return MultiModalData(num_image_tokens=[tokens_per_image] * num_images, num_image_patches=[1] * num_images)
+
+    def __call__(self, images=None, text=None, **kwargs) -> BatchFeature:
         """
         Tokenizes `text`, expanding each `<image>` placeholder into image tokens, and preprocesses `images`.
 
@@ -144,8 +159,9 @@ class FastVLMProcessor(ProcessorMixin):
             [`BatchFeature`] with `input_ids` and `attention_mask` when `text` is given, and `pixel_values` when
             `images` are.
         """
-        if videos is not None or audio is not None:
-            raise ValueError("FastVLM takes only images and text; got videos or audio.")
+        for modality in ("videos", "audio"):
+            if kwargs.pop(modality, None) is not None:
+                raise ValueError(f"FastVLM takes only images and text; got {modality}.")
         if images is None and text is None:
             raise ValueError("Nothing to process: pass `text`, `images` or both.")
 
