@@ -4,7 +4,14 @@ import json
 
 import torch
 import transformers
-from conftest import TINY_VISION_CONFIG, randomize_non_parameter_state, tiny_text_config
+from apple_layout import apple_layout
+from conftest import (
+    TINY_VISION_CONFIG,
+    assert_logits_close,
+    give_weights_a_working_scale,
+    randomize_non_parameter_state,
+    tiny_text_config,
+)
 from safetensors.torch import save_file
 
 from fastvlm_hf import FastVLMConfig, FastVLMForConditionalGeneration, checkpoints
@@ -20,7 +27,8 @@ CHATML_TEMPLATE = (  # a text-only ChatML template on the tokenizer, like Qwen2-
 
 
 def build_reference_model(tokenizer, tie_word_embeddings=True, vision_config=TINY_VISION_CONFIG, seed=0):
-    """Our model with bf16-representable values, so that a bf16 checkpoint of it holds exactly its tensors."""
+    """Our model with weights whose image reaches the logits, in bf16-representable values (a bf16 checkpoint of it
+    holds exactly its tensors)."""
     text_config = tiny_text_config(len(tokenizer) + SPARE_VOCAB_ROWS, tie_word_embeddings=tie_word_embeddings)
     config = FastVLMConfig(
         vision_config=vision_config,
@@ -30,6 +38,7 @@ def build_reference_model(tokenizer, tie_word_embeddings=True, vision_config=TIN
     torch.manual_seed(seed)
     model = FastVLMForConditionalGeneration(config).eval()
     randomize_non_parameter_state(model)
+    give_weights_a_working_scale(model, seed)
     with torch.no_grad():
         for tensor in model.state_dict().values():
             if tensor.is_floating_point():
@@ -94,11 +103,18 @@ def apple_config_json(model, tokenizer, **overrides):
 
 
 def apple_state_dict(model, lm_head=None):
-    """`model`'s weights under Apple's names, in bf16, with the unused CLIP head and a stored output embedding."""
-    state_dict = checkpoints.from_fastvlm_state_dict(model.state_dict(), checkpoints.APPLE)
-    clip_projection = torch.randn(model.config.vision_config.hidden_size, 32)  # [3072, 768] in Apple's
-    state_dict["model.vision_tower.vision_tower.model.head.proj"] = clip_projection
-    state_dict["lm_head.weight"] = model.lm_head.weight if lm_head is None else lm_head
+    """`model`'s weights under Apple's names (from the hand-written layout, not the package's key map), in bf16, with
+    the unused CLIP head and a stored output embedding."""
+    ours = model.state_dict()
+    state_dict = {}
+    for apple_key, (our_key, shape) in apple_layout(model.config.vision_config, model.config.text_config).items():
+        if our_key is None:  # the CLIP head
+            state_dict[apple_key] = torch.randn(shape)
+        elif our_key == "lm_head.weight":
+            state_dict[apple_key] = model.lm_head.weight if lm_head is None else lm_head
+        else:
+            assert ours[our_key].shape == shape, (our_key, tuple(ours[our_key].shape), shape)
+            state_dict[apple_key] = ours[our_key]
     return {key: (t.bfloat16() if t.is_floating_point() else t).contiguous() for key, t in state_dict.items()}
 
 
@@ -149,7 +165,7 @@ def model_inputs(config, seed=0):
 @torch.no_grad()
 def assert_same_logits(model, reference):
     inputs = model_inputs(reference.config)
-    assert torch.equal(model.eval()(**inputs).logits, reference(**inputs).logits)
+    assert_logits_close(model.eval()(**inputs).logits, reference(**inputs).logits)
 
 
 # The tiny tower with timm's head dim, 32, as a fast_vlm checkpoint must have it.

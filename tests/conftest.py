@@ -92,6 +92,33 @@ def randomize_non_parameter_state(model) -> None:
                 tensor.copy_(torch.rand(tensor.shape, generator=generator) + 0.5)
 
 
+def give_weights_a_working_scale(model, seed: int = 7) -> None:
+    """Initialisation's std 0.02 and zero biases leave a tiny tower's image features all but independent of the image
+    (two different images give the same features to the last bit), and a zero bias hides a lost one: draw the weights
+    at 1.5× fan-in scale, which keeps the image's signal through the five stages and into the logits, and the biases
+    non-zero. BatchNorm statistics, layer scales and norms keep `randomize_non_parameter_state`'s values. Values are
+    bfloat16-exact, so that bf16 checkpoints hold them exactly."""
+    import torch
+
+    generator = torch.Generator().manual_seed(seed)
+    with torch.no_grad():
+        for name, parameter in model.named_parameters():
+            if parameter.dim() >= 2:
+                std = 1.5 * parameter[0].numel() ** -0.5
+                parameter.copy_(torch.randn(parameter.shape, generator=generator) * std)
+            elif name.endswith("bias"):
+                parameter.copy_(torch.randn(parameter.shape, generator=generator) * 0.1)
+            parameter.copy_(parameter.bfloat16().float())
+
+
+def assert_logits_close(actual, expected, tolerance: float = 1e-5) -> None:
+    """Equal up to float32 rounding, relative to the largest logit: the same computation can round differently in
+    another batch or after a reload (other kernels), far below what a misplaced image or weight changes."""
+    assert actual.shape == expected.shape
+    difference = ((actual - expected).abs().max() / expected.abs().max()).item()
+    assert difference <= tolerance, f"logits differ by {difference:.3g} of the largest"
+
+
 @pytest.fixture(scope="session")
 def tiny_config(tiny_tokenizer):
     from fastvlm_hf import FastVLMConfig
@@ -113,6 +140,7 @@ def tiny_model(tiny_config):
     torch.manual_seed(0)
     model = FastVLMForConditionalGeneration(tiny_config)
     randomize_non_parameter_state(model)
+    give_weights_a_working_scale(model)
     return model.eval()
 
 

@@ -6,6 +6,7 @@ import re
 import pytest
 import torch
 import transformers
+from apple_layout import apple_layout
 from checkpoint_helpers import (
     CHATML_TEMPLATE,
     IMAGE_SIDE,
@@ -61,6 +62,20 @@ def test_apple_keys_map_onto_every_weight_of_ours_and_back(reference_model):
     assert all(back[key] is ours[key] for key in ours)
     again = checkpoints.from_fastvlm_state_dict(back, checkpoints.APPLE)
     assert again.keys() == apple.keys() - {"model.vision_tower.vision_tower.model.head.proj"}
+
+
+def test_apple_key_map_matches_the_released_checkpoints_key_for_key_and_shape_for_shape(reference_model):
+    config = reference_model.config
+    expected = apple_layout(config.vision_config, config.text_config)
+    ours = reference_model.state_dict()
+    mapped = checkpoints.from_fastvlm_state_dict(ours, checkpoints.APPLE)
+    used = {apple_key: entry for apple_key, entry in expected.items() if entry[0] is not None}
+    assert set(mapped) | {"lm_head.weight"} == set(used)
+    for apple_key, (our_key, shape) in used.items():
+        if apple_key in mapped:
+            assert mapped[apple_key] is ours[our_key], (apple_key, our_key)
+        assert tuple(ours[our_key].shape) == shape, (our_key, shape)
+    assert checkpoints.to_fastvlm_state_dict(apple_state_dict(reference_model), checkpoints.APPLE).keys() == ours.keys()
 
 
 def test_timm_keys_map_onto_ours_and_back(reference_model):

@@ -5,7 +5,13 @@ import math
 
 import pytest
 import torch
-from conftest import TINY_VISION_CONFIG, tiny_text_config
+from conftest import (
+    TINY_VISION_CONFIG,
+    assert_logits_close,
+    give_weights_a_working_scale,
+    randomize_non_parameter_state,
+    tiny_text_config,
+)
 from transformers import (
     AutoConfig,
     AutoModel,
@@ -101,8 +107,11 @@ def test_batch_with_different_image_counts_matches_single_prompts(tiny_model, ti
     assert one.shape == two.shape
     pv_one, pv_two = pixels(1, seed=1), pixels(2, seed=2)
     batched = tiny_model(input_ids=torch.cat([one, two]), pixel_values=torch.cat([pv_one, pv_two])).logits
-    assert torch.allclose(batched[0], tiny_model(input_ids=one, pixel_values=pv_one).logits[0], atol=1e-5)
-    assert torch.allclose(batched[1], tiny_model(input_ids=two, pixel_values=pv_two).logits[0], atol=1e-5)
+    # three images at once take other encoder kernels than one or two, which round differently
+    assert_logits_close(batched[0], tiny_model(input_ids=one, pixel_values=pv_one).logits[0], tolerance=1e-4)
+    assert_logits_close(batched[1], tiny_model(input_ids=two, pixel_values=pv_two).logits[0], tolerance=1e-4)
+    swapped = tiny_model(input_ids=torch.cat([one, two]), pixel_values=torch.cat([pv_two[:1], pv_one, pv_two[1:]]))
+    assert not torch.allclose(swapped.logits[0], batched[0], rtol=1e-2, atol=1e-2)  # each image lands in its row
 
 
 @torch.no_grad()
@@ -174,7 +183,7 @@ def test_auto_classes_round_trip_with_identical_logits(tiny_model, tiny_config, 
         assert torch.equal(tensor, reloaded.state_dict()[name]), name
     ids, pv = prompt_ids(tiny_config), pixels()
     with torch.no_grad():
-        assert torch.equal(tiny_model(input_ids=ids, pixel_values=pv).logits, reloaded(input_ids=ids, pixel_values=pv).logits)
+        assert_logits_close(reloaded(input_ids=ids, pixel_values=pv).logits, tiny_model(input_ids=ids, pixel_values=pv).logits)
     base = AutoModel.from_pretrained(tmp_path, dtype=torch.float32)
     assert type(base) is FastVLMModel
 
@@ -206,7 +215,7 @@ def test_device_map_auto_loads(tiny_model, tiny_config, tmp_path):
     model = AutoModelForImageTextToText.from_pretrained(tmp_path, device_map="auto", dtype=torch.float32)
     ids, pv = prompt_ids(tiny_config), pixels()
     with torch.no_grad():
-        assert torch.allclose(model(input_ids=ids, pixel_values=pv).logits, tiny_model(input_ids=ids, pixel_values=pv).logits)
+        assert_logits_close(model(input_ids=ids, pixel_values=pv).logits, tiny_model(input_ids=ids, pixel_values=pv).logits)
 
 
 def count_vision_calls(model):
@@ -275,19 +284,13 @@ def test_image_tokens_without_pixel_values_are_refused(tiny_model, tiny_config):
 
 
 def image_sensitive_model(config, seed, num_hidden_layers=None):
-    """A tiny FastVLM drawn at scales that let the image through to the logits and make greedy tokens vary (the
-    default initialisation all but erases the image and repeats one token)."""
+    """A tiny FastVLM whose image reaches the logits (see `give_weights_a_working_scale`)."""
     config = copy.deepcopy(config)
     if num_hidden_layers is not None:
         config.text_config.num_hidden_layers = num_hidden_layers
-    torch.manual_seed(seed)
     model = FastVLMForConditionalGeneration(config).eval()
-    generator = torch.Generator().manual_seed(seed)
-    with torch.no_grad():
-        for name, parameter in model.named_parameters():
-            if parameter.ndim > 1 or name.startswith("model.vision_tower."):
-                scale = 0.3 if name.startswith("model.vision_tower.") else 0.15
-                parameter.copy_(torch.randn(parameter.shape, generator=generator) * scale)
+    randomize_non_parameter_state(model)
+    give_weights_a_working_scale(model, seed)
     return model
 
 
@@ -296,7 +299,7 @@ def test_assisted_decoding_with_an_image_gives_the_main_models_greedy_tokens(tin
     main = image_sensitive_model(tiny_config, seed=0)
     assistant = image_sensitive_model(tiny_config, seed=1, num_hidden_layers=1)  # a smaller drafter, other weights
     ids, pv = prompt_ids(tiny_config), pixels()
-    kwargs = {"max_new_tokens": 8, "min_new_tokens": 8, "do_sample": False}
+    kwargs = {"max_new_tokens": 8, "do_sample": False}  # 4.57 refuses `min_new_tokens` with an assistant
     expected = main.generate(input_ids=ids, pixel_values=pv, **kwargs)
     assert not torch.equal(expected, main.generate(input_ids=ids, pixel_values=pv.flip(-1), **kwargs))
 
@@ -347,9 +350,6 @@ def test_image_features_follow_transformers_output_conventions(tiny_model):
     assert torch.equal(as_tuple[0], output.last_hidden_state) and torch.equal(as_tuple[1], output.pooler_output)
 
 
-def test_the_output_head_has_the_language_models_tensor_parallel_plan(tiny_model):
+def test_the_output_head_has_the_language_models_tensor_parallel_plan():
     # Qwen2 shards its input embedding; a tied head without a plan of its own mixes sharded and whole tensors.
-    plan = tiny_model._tp_plan
-    assert plan["lm_head"] == Qwen2ForCausalLM._tp_plan["lm_head"]
-    language_model_plan = tiny_model.model.language_model._tp_plan or {}
-    assert any("embed_tokens" in key for key in language_model_plan) or not language_model_plan
+    assert FastVLMForConditionalGeneration._tp_plan == {"lm_head": Qwen2ForCausalLM._tp_plan["lm_head"]}

@@ -43,22 +43,6 @@ IMAGE_SIDE = 128  # 2×2 image tokens
 VISION_CONFIG = {**NATIVE_VISION_CONFIG, "image_size": IMAGE_SIDE}
 
 
-def give_weights_a_working_scale(model) -> None:
-    """Initialisation's std 0.02 and zero biases leave a tiny tower's image features all but independent of the image
-    (and a zero bias hides a lost one): draw the weights at 1.5× fan-in scale, which keeps the image's signal through
-    the five stages, and the biases non-zero. BatchNorm statistics, layer scales and norms keep
-    `randomize_non_parameter_state`'s values. Values are bfloat16-exact, like the rest of the Apple checkpoint."""
-    generator = torch.Generator().manual_seed(7)
-    with torch.no_grad():
-        for name, parameter in model.named_parameters():
-            if parameter.dim() >= 2:
-                std = 1.5 * parameter[0].numel() ** -0.5
-                parameter.copy_(torch.randn(parameter.shape, generator=generator) * std)
-            elif name.endswith("bias"):
-                parameter.copy_(torch.randn(parameter.shape, generator=generator) * 0.1)
-            parameter.copy_(parameter.bfloat16().float())
-
-
 def relative_error(actual: torch.Tensor, expected: torch.Tensor) -> float:
     return ((actual - expected).abs().max() / expected.abs().max()).item()
 
@@ -69,7 +53,6 @@ def models(request, tmp_path_factory):
     processor and transformers' (the converted folder's `LlavaProcessor`)."""
     tokenizer = build_tiny_tokenizer(special_tokens=QWEN2_SPECIAL_TOKENS)
     reference = build_reference_model(tokenizer, tie_word_embeddings=request.param, vision_config=VISION_CONFIG)
-    give_weights_a_working_scale(reference)
     apple_dir = write_apple_checkpoint(tmp_path_factory.mktemp("apple"), reference, tokenizer)
     native_dir = tmp_path_factory.mktemp("native")
     assert main(["convert", str(apple_dir), str(native_dir), "--to", "transformers"]) == 0
