@@ -190,13 +190,13 @@ def _counted_paths() -> Iterator[None]:
     run as linear ones, the packed linear layers of `pack_weights()`) bypass the dispatcher's Python modes, so
     FlopCounterMode cannot see them; their plain paths do the same arithmetic, and are what gets counted. The stem runs
     on the whole map too: its bands recompute a few rows where they meet."""
-    from fastvlm_hf import modeling_fastvithd
-    from fastvlm_hf.packed_linear import PackedLinear
+    from fastvlm_hf.cpu import kernels
+    from fastvlm_hf.cpu.packed_linear import PackedLinear
 
     with contextlib.ExitStack() as stack:
-        stack.enter_context(patched(modeling_fastvithd, "_onednn_can_fuse", lambda *args: False))
-        stack.enter_context(patched(modeling_fastvithd, "_convffn_chunk_pixels", lambda *args: None))
-        stack.enter_context(patched(modeling_fastvithd, "_STEM_BANDING_MIN_BYTES", float("inf")))
+        stack.enter_context(patched(kernels, "_onednn_can_fuse", lambda *args: False))
+        stack.enter_context(patched(kernels, "_convffn_chunk_pixels", lambda *args: None))
+        stack.enter_context(patched(kernels, "_STEM_BANDING_MIN_BYTES", float("inf")))
         stack.enter_context(patched(PackedLinear, "forward", _dense_linear))
         yield
 

@@ -17,7 +17,7 @@ from transformers import AutoModelForImageTextToText, AutoProcessor
 from fastvlm_hf import FastViTHDModel, FastVLMForConditionalGeneration, FastVLMModel
 from fastvlm_hf.chat import ChatSession
 from fastvlm_hf.cli import build_parser, describe_load_error, generation_kwargs, load_model, main
-from fastvlm_hf.packed_linear import PackedLinear
+from fastvlm_hf.cpu.packed_linear import PackedLinear
 
 PROMPT = "Describe the image."
 STATS_LABELS = ["preprocessing", "vision encoder", "prefill", "TTFT", "decode"]

@@ -9,7 +9,7 @@ from checkpoint_helpers import model_inputs
 from torch import nn
 
 from fastvlm_hf import FastVLMForConditionalGeneration, FastVLMModel
-from fastvlm_hf.packed_linear import PackedLinear, can_pack
+from fastvlm_hf.cpu.packed_linear import PackedLinear, can_pack
 
 pytestmark = pytest.mark.skipif(
     not (torch.backends.mkldnn.is_available() and torch.ops.mkldnn._is_mkldnn_bf16_supported()),
