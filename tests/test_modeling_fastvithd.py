@@ -5,11 +5,11 @@ import math
 
 import pytest
 import torch
-from conftest import TINY_VISION_CONFIG, randomize_non_parameter_state
+from conftest import TINY_VISION_CONFIG, count_calls, randomize_non_parameter_state
 from transformers import AutoConfig, AutoModel
 
 from fastvlm_hf import FastViTHDConfig, FastViTHDModel
-from fastvlm_hf.cpu import kernels
+from fastvlm_hf.cpu import fast_routes_enabled, fast_routes_off, kernels
 from fastvlm_hf.modeling_fastvithd import (
     FastViTHDAttentionBlock,
     FastViTHDConvAct,
@@ -418,6 +418,26 @@ def test_inference_kernels_match_the_differentiable_path(eval_tower):
     plain = eval_tower(pixel_values).last_hidden_state
     assert plain.requires_grad
     assert relative_error(fused, plain.detach().double()) <= 1e-6
+
+
+@torch.no_grad()
+def test_one_switch_turns_every_fast_route_off(eval_tower, monkeypatch, onednn_calls):
+    monkeypatch.setattr(kernels, "_CONVFFN_CHUNKING_MIN_BYTES", 0)  # every ConvFFN over chunks of pixels
+    monkeypatch.setattr(kernels, "_STEM_BANDING_MIN_BYTES", 0)  # the stem over bands of rows
+    routes = count_calls(monkeypatch, kernels, ["_repeat_each_channel", "_stem_rows"])
+    pixel_values = torch.rand(2, 3, 256, 256, generator=torch.Generator().manual_seed(6))  # fused convolutions too
+    fast = eval_tower(pixel_values).last_hidden_state
+    assert set(routes) == {"_repeat_each_channel", "_stem_rows"}
+    assert set(onednn_calls) == {"_convolution_pointwise", "_linear_pointwise"}
+    routes.clear()
+    onednn_calls.clear()
+    with fast_routes_off():
+        plain = eval_tower(pixel_values).last_hidden_state
+    assert fast_routes_enabled()
+    assert not routes and not onednn_calls
+    with torch.enable_grad():  # the differentiable path: the blocks as written, no route
+        assert torch.equal(plain, eval_tower(pixel_values).last_hidden_state)
+    assert relative_error(fast, plain.double()) <= 1e-6
 
 
 @torch.no_grad()

@@ -3,7 +3,7 @@
 Each public function computes what a block of `modeling_fastvithd` computes, by a faster route where one applies, and
 returns None where none does: the block then runs its plain computation. Every route gives the plain result to
 rounding. The routes call private oneDNN operators of torch (`torch.ops.mkldnn`), which have no backward, and apply
-only to inference on CPU tensors in float32 or bfloat16 (`_cpu_inference`).
+only to inference on CPU tensors in float32 or bfloat16, outside `fastvlm_hf.cpu.fast_routes_off()` (`_cpu_inference`).
 """
 
 from __future__ import annotations
@@ -11,6 +11,8 @@ from __future__ import annotations
 import torch
 import torch.nn.functional as F
 from torch import nn
+
+from . import fast_routes_enabled
 
 # Activations oneDNN can apply inside a convolution or a linear layer: config name -> (post-op, algorithm).
 _ONEDNN_POST_OPS = {"gelu": ("gelu", "none"), "relu": ("relu", None)}
@@ -42,10 +44,12 @@ _STEM_BAND_BYTES = 8 * 2**20
 
 
 def _cpu_inference(hidden_states: torch.Tensor, weight: torch.Tensor) -> bool:
-    """Whether a forward pass may take the CPU inference kernels: no autograd, no compiler, float32 or bfloat16 on the
-    CPU, weights present (accelerate keeps offloaded weights on the meta device until their module runs)."""
+    """Whether a forward pass may take the CPU inference kernels: fast routes on, no autograd, no compiler, float32 or
+    bfloat16 on the CPU, weights present (accelerate keeps offloaded weights on the meta device until their module
+    runs)."""
     return (
-        torch.backends.mkldnn.enabled
+        fast_routes_enabled()
+        and torch.backends.mkldnn.enabled
         and not torch.compiler.is_compiling()  # the compiler fuses by itself
         and not torch.is_grad_enabled()  # the fused kernels have no backward
         and hidden_states.device.type == "cpu"
