@@ -16,7 +16,10 @@ from transformers import AutoModelForImageTextToText, AutoProcessor
 
 from fastvlm_hf import FastViTHDModel, FastVLMForConditionalGeneration, FastVLMModel
 from fastvlm_hf.chat import ChatSession
-from fastvlm_hf.cli import build_parser, describe_load_error, generation_kwargs, load_model, main
+from fastvlm_hf.cli import build_parser, main
+from fastvlm_hf.cli.loading import load_model
+from fastvlm_hf.cli.messages import describe_load_error
+from fastvlm_hf.cli.options import generation_kwargs
 from fastvlm_hf.cpu.packed_linear import PackedLinear
 
 PROMPT = "Describe the image."
@@ -441,3 +444,4 @@ def test_resolution_must_be_a_multiple_of_64(checkpoint, image_path, capsys, res
 def test_debug_shows_the_traceback(image_path, tmp_path):
     with pytest.raises(Exception, match="image not found"):
         main(predict_args(tmp_path, tmp_path / "missing.png", "--debug"))
+
