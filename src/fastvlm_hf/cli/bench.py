@@ -6,21 +6,23 @@ import argparse
 
 from .loading import load, load_image
 from .messages import status
-from .options import add_command, model_options, positive_int
+from .options import add_command, add_model_options, positive_int
 
 BENCH_QUESTIONS = ("Describe the image.", "What colours are in it?")
 
 
 def add_parser(commands) -> None:
     parser = add_command(
-        commands, "bench", run, parents=[model_options()], help="time the phases of generation",
+        commands, "bench", run, help="time the phases of generation",
         description="Time preprocessing, vision encoder, prefill, time to first token (TTFT), decode, and the TTFT "
                     "of a follow-up chat turn about the same image, over several runs after a warm-up; print a "
                     "Markdown table of medians, minima and maxima.")  # fmt: skip
     parser.add_argument("--image", metavar="PATH_OR_URL", help="image to describe (default: a 1024x768 test picture)")
     parser.add_argument("--repeats", type=positive_int, default=5, metavar="N", help="timed runs (default: 5)")
-    parser.add_argument("--max-new-tokens", type=positive_int, default=32, metavar="N",
-                        help="tokens generated per turn, exactly (default: 32)")  # fmt: skip
+    add_model_options(parser)
+    generation = parser.add_argument_group("generation options")
+    generation.add_argument("--max-new-tokens", type=positive_int, default=32, metavar="N",
+                            help="tokens generated per turn, exactly (default: 32)")  # fmt: skip
 
 
 def run(args: argparse.Namespace) -> int:

@@ -7,18 +7,19 @@ import sys
 
 from .loading import load, load_image
 from .messages import CLIError, status
-from .options import add_command, generation_kwargs, generation_options, model_options
+from .options import add_command, add_generation_options, add_model_options, generation_kwargs
 
 CHAT_HELP = "Type a question and press Enter. /image PATH: talk about another image; /reset: start over; /exit: quit."
 
 
 def add_parser(commands) -> None:
     parser = add_command(
-        commands, "chat", run, parents=[model_options(), generation_options()],
-        help="talk about an image, turn by turn",
+        commands, "chat", run, help="talk about an image, turn by turn",
         description=f"A conversation about one image, one question per line on stdin (typed or piped). The image is "
                     f"encoded once and every turn reuses the conversation's KV cache. {CHAT_HELP}")  # fmt: skip
     parser.add_argument("--image", required=True, metavar="PATH_OR_URL", help="image file or http(s) URL")
+    add_model_options(parser)
+    add_generation_options(parser)
 
 
 def run(args: argparse.Namespace) -> int:

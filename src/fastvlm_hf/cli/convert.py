@@ -6,7 +6,7 @@ from __future__ import annotations
 import argparse
 
 from .messages import CLIError, first_line, status
-from .options import add_command
+from .options import add_command, add_output_options
 
 
 def add_parser(commands) -> None:
@@ -21,25 +21,26 @@ def add_parser(commands) -> None:
     parser.add_argument("source", help="Hub repo id or local folder, in any FastVLM layout")
     parser.add_argument("output", help="folder to write")
     parser.add_argument(
+        "--verify",
+        action="store_true",
+        help="reload the result and fail unless its float32 logits match the source's",
+    )
+    output = add_output_options(parser)
+    output.add_argument(
         "--to",
         choices=["fastvlm", "transformers"],
         default="fastvlm",
         help="fastvlm: this package's layout; transformers: transformers' native fast_vlm (needs transformers 5) "
         "(default: fastvlm)",
     )
-    parser.add_argument(
+    output.add_argument(
         "--dtype",
         choices=["auto", "bfloat16", "float16", "float32"],
         default="auto",
         help="dtype of the written weights; auto keeps the source's (default: auto)",
     )
-    parser.add_argument("--max-shard-size", default="5GB", metavar="SIZE", help="largest weights file (default: 5GB)")
-    parser.add_argument(
-        "--verify",
-        action="store_true",
-        help="reload the result and fail unless its float32 logits match the source's",
-    )
-    parser.add_argument(
+    output.add_argument("--max-shard-size", default="5GB", metavar="SIZE", help="largest weights file (default: 5GB)")
+    output.add_argument(
         "--push-to-hub",
         metavar="REPO",
         help="upload the result to this Hub model repo, created if missing (needs a write token)",

@@ -1,4 +1,4 @@
-"""The options subcommands share: --debug, the model options and the generation options."""
+"""The options subcommands share, in the groups `--help` lists them in: model, generation and output options."""
 
 from __future__ import annotations
 
@@ -9,19 +9,17 @@ from .messages import status
 DEFAULT_MODEL = "apple/FastVLM-0.5B"
 
 
-def add_command(commands, name: str, handler, parents=(), **kwargs) -> argparse.ArgumentParser:
-    """The subcommand `name` of `commands`, run by `handler(args)`, with the --debug option every command takes and
-    the options of `parents`; `kwargs` go to `add_parser` (help, description)."""
-    common = argparse.ArgumentParser(add_help=False)
-    common.add_argument("--debug", action="store_true", help="show full tracebacks on errors")
-    parser = commands.add_parser(name, parents=[common, *parents], **kwargs)
+def add_command(commands, name: str, handler, **kwargs) -> argparse.ArgumentParser:
+    """The subcommand `name` of `commands`, run by `handler(args)`, with the --debug option every command takes;
+    `kwargs` go to `add_parser` (help, description)."""
+    parser = commands.add_parser(name, **kwargs)
+    parser.add_argument("--debug", action="store_true", help="show full tracebacks on errors")
     parser.set_defaults(handler=handler)
     return parser
 
 
-def model_options() -> argparse.ArgumentParser:
-    options = argparse.ArgumentParser(add_help=False)
-    group = options.add_argument_group("model")
+def add_model_options(parser: argparse.ArgumentParser) -> None:
+    group = parser.add_argument_group("model options")
     group.add_argument("--model", default=DEFAULT_MODEL,
                        help=f"Hub repo id or local folder, in any FastVLM layout (default: {DEFAULT_MODEL})")
     group.add_argument("--device", choices=["auto", "cpu", "cuda", "mps"], default="auto",
@@ -37,13 +35,12 @@ def model_options() -> argparse.ArgumentParser:
                             "(default: the checkpoint's, 1024 for Apple's)")
     group.add_argument("--image-mode", choices=["pad", "crop"],
                        help="pad: pad to a square like Apple's predict.py; crop: centre crop like transformers' "
-                            "fast_vlm (default: the checkpoint's, pad for Apple's)")
-    return options  # fmt: skip
+                            "fast_vlm (default: the checkpoint's, pad for Apple's)")  # fmt: skip
 
 
-def generation_options() -> argparse.ArgumentParser:
-    options = argparse.ArgumentParser(add_help=False)
-    group = options.add_argument_group("generation")
+def add_generation_options(parser: argparse.ArgumentParser) -> argparse._ArgumentGroup:
+    """The generation options group, with the options of `generation_kwargs`; a command may add its own to it."""
+    group = parser.add_argument_group("generation options")
     group.add_argument("--max-new-tokens", type=positive_int, default=256, metavar="N",
                        help="maximum number of generated tokens (default: 256)")
     group.add_argument("--temperature", type=non_negative_float, default=0.0, metavar="T",
@@ -51,7 +48,11 @@ def generation_options() -> argparse.ArgumentParser:
     group.add_argument("--top-p", type=probability, metavar="P", help="nucleus sampling threshold, with --temperature")
     group.add_argument("--system-prompt", metavar="TEXT",
                        help='system message (default: the chat template\'s, "You are a helpful assistant.")')
-    return options  # fmt: skip
+    return group  # fmt: skip
+
+
+def add_output_options(parser: argparse.ArgumentParser) -> argparse._ArgumentGroup:
+    return parser.add_argument_group("output options")
 
 
 def generation_kwargs(args: argparse.Namespace) -> dict:

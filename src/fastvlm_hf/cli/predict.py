@@ -7,22 +7,32 @@ import json
 
 from .loading import load, load_image
 from .messages import CLIError, status
-from .options import add_command, generation_kwargs, generation_options, model_options, positive_int
+from .options import (
+    add_command,
+    add_generation_options,
+    add_model_options,
+    add_output_options,
+    generation_kwargs,
+    positive_int,
+)
 
 
 def add_parser(commands) -> None:
     parser = add_command(
-        commands, "predict", run, parents=[model_options(), generation_options()], help="answer a prompt about images",
+        commands, "predict", run, help="answer a prompt about images",
         description="Answer a prompt about one or more images; the answer streams to stdout, status lines and "
                     "--stats go to stderr.")  # fmt: skip
     parser.add_argument("--image", required=True, action="append", metavar="PATH_OR_URL",
                         help="image file (any format Pillow reads) or http(s) URL; repeat for several images")
     parser.add_argument("--prompt", required=True, metavar="TEXT", help='e.g. "Describe the image."')
-    parser.add_argument("--num-beams", type=positive_int, default=1, metavar="N",
-                        help="beam search with N beams (no streaming) (default: 1)")
-    parser.add_argument("--stats", action="store_true",
+    add_model_options(parser)
+    generation = add_generation_options(parser)
+    generation.add_argument("--num-beams", type=positive_int, default=1, metavar="N",
+                            help="beam search with N beams (no streaming) (default: 1)")
+    output = add_output_options(parser)
+    output.add_argument("--stats", action="store_true",
                         help="after the answer, print preprocessing, vision, prefill, TTFT and decode times on stderr")
-    parser.add_argument("--json", action="store_true",
+    output.add_argument("--json", action="store_true",
                         help="print one JSON object (text, model, settings, timings) instead of streaming")  # fmt: skip
 
 
