@@ -1,5 +1,6 @@
 """Shared offline fixtures: a tiny byte-level BPE tokenizer trained in-process."""
 
+import collections
 import importlib.util
 import os
 
@@ -117,6 +118,27 @@ def assert_logits_close(actual, expected, tolerance: float = 1e-5) -> None:
     assert actual.shape == expected.shape
     difference = ((actual - expected).abs().max() / expected.abs().max()).item()
     assert difference <= tolerance, f"logits differ by {difference:.3g} of the largest"
+
+
+def count_calls(monkeypatch, owner, names) -> collections.Counter:
+    """Wraps each function `owner.<name>` of `names` so that its calls are counted, by name, in the returned Counter."""
+    calls = collections.Counter()
+    for name in names:
+
+        def counted(*args, _name=name, _function=getattr(owner, name), **kwargs):
+            calls[_name] += 1
+            return _function(*args, **kwargs)
+
+        monkeypatch.setattr(owner, name, counted)
+    return calls
+
+
+@pytest.fixture
+def onednn_calls(monkeypatch):
+    """The calls of torch's private oneDNN operators, the ones fastvlm_hf's CPU fast routes run, counted by name."""
+    import torch
+
+    return count_calls(monkeypatch, torch.ops.mkldnn, ["_convolution_pointwise", "_linear_pointwise"])
 
 
 @pytest.fixture(scope="session")
