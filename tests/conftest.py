@@ -112,6 +112,19 @@ def give_weights_a_working_scale(model, seed: int = 7) -> None:
             parameter.copy_(parameter.bfloat16().float())
 
 
+def _needs_native_bfloat16():
+    from fastvlm_hf.cpu import has_native_bfloat16
+
+    return pytest.mark.skipif(
+        not has_native_bfloat16(),
+        reason="this CPU computes bfloat16 without native support (no AVX512-BF16, AMX or AVX-512 BW/VL/DQ), where "
+        "the bfloat16 kernels under test do not run",
+    )
+
+
+needs_native_bfloat16 = _needs_native_bfloat16()
+
+
 def assert_logits_close(actual, expected, tolerance: float = 1e-5) -> None:
     """Equal up to float32 rounding, relative to the largest logit: the same computation can round differently in
     another batch or after a reload (other kernels), far below what a misplaced image or weight changes."""

@@ -14,10 +14,11 @@ import torch
 from PIL import Image
 from transformers import AutoModelForImageTextToText, AutoProcessor
 
+import fastvlm_hf.cpu
 from fastvlm_hf import FastViTHDModel, FastVLMForConditionalGeneration, FastVLMModel
 from fastvlm_hf.chat import ChatSession
 from fastvlm_hf.cli import build_parser, main
-from fastvlm_hf.cli.loading import load_model
+from fastvlm_hf.cli.loading import load_model, quantization_config, resolve_device, resolve_dtype
 from fastvlm_hf.cli.messages import describe_load_error
 from fastvlm_hf.cli.options import generation_kwargs
 from fastvlm_hf.cpu.packed_linear import PackedLinear
@@ -481,3 +482,69 @@ def test_help_lists_model_generation_and_output_options_in_their_groups(capsys, 
     groups = options_by_group(capsys.readouterr().out)
     assert {title: options for title, options in groups.items() if title.endswith(" options")} == expected
     assert groups["options"][:2] == ["-h", "--debug"]
+
+
+# --------------------------------------------------------------------------------------------------
+# Device and dtype choices
+
+
+@pytest.mark.parametrize(
+    "cuda, mps, expected", [(True, True, "cuda"), (False, True, "mps"), (False, False, "cpu")]
+)
+def test_device_auto_picks_cuda_then_mps_then_cpu(monkeypatch, cuda, mps, expected):
+    monkeypatch.setattr(torch.cuda, "is_available", lambda: cuda)
+    monkeypatch.setattr(torch.backends.mps, "is_available", lambda: mps)
+    assert resolve_device("auto") == expected
+
+
+@pytest.mark.parametrize(
+    "device, native_bf16, expected",
+    [("cuda", False, torch.bfloat16), ("mps", True, torch.float16), ("cpu", True, torch.bfloat16),
+     ("cpu", False, torch.float32)],
+)  # fmt: skip
+def test_dtype_auto_is_bfloat16_only_where_it_is_computed_natively(monkeypatch, device, native_bf16, expected):
+    monkeypatch.setattr(fastvlm_hf.cpu, "has_native_bfloat16", lambda: native_bf16)
+    assert resolve_dtype("auto", device) is expected
+    assert resolve_dtype("float16", device) is torch.float16  # an explicit choice stands
+
+
+@pytest.mark.parametrize("device, compute_dtype", [("cuda", torch.bfloat16), ("cpu", torch.float32)])
+def test_load_in_4bit_is_nf4_with_the_compute_dtype_of_the_device(monkeypatch, device, compute_dtype):
+    pytest.importorskip("bitsandbytes", reason="the bnb extra")
+    monkeypatch.setattr(fastvlm_hf.cpu, "has_native_bfloat16", lambda: False)
+    args = build_parser().parse_args(["predict", "--image", "x.png", "--prompt", "hi", "--load-in-4bit"])
+    config = quantization_config(args, device)
+    assert config.load_in_4bit and not config.load_in_8bit
+    assert config.bnb_4bit_quant_type == "nf4" and config.bnb_4bit_compute_dtype is compute_dtype
+
+
+WITHOUT_NATIVE_BF16 = {"ONEDNN_MAX_CPU_ISA": "AVX2", "ATEN_CPU_CAPABILITY": "avx2"}  # a CPU with AVX2 at most
+
+
+def test_without_native_bfloat16_the_encoder_falls_back_and_predict_chooses_float32(checkpoint, image_path):
+    env = {**os.environ, **WITHOUT_NATIVE_BF16, "HF_HUB_OFFLINE": "1"}
+    encoder = (
+        "import torch\n"
+        "from fastvlm_hf import FastViTHDConfig, FastViTHDModel\n"
+        "from fastvlm_hf.cpu import fast_routes_off, has_native_bfloat16\n"
+        "assert not has_native_bfloat16()\n"
+        "model = FastViTHDModel(FastViTHDConfig(depths=[1, 1, 1, 1, 1], embed_dims=[8, 16, 32, 64, 128])).eval()\n"
+        "model = model.to(torch.bfloat16)\n"
+        "pixels = torch.rand(1, 3, 128, 128, dtype=torch.bfloat16)\n"
+        "with torch.no_grad():\n"
+        "    features = model(pixels).last_hidden_state\n"
+        "    with fast_routes_off():\n"
+        "        assert torch.equal(features, model(pixels).last_hidden_state)\n"
+    )
+    result = subprocess.run([sys.executable, "-c", encoder], capture_output=True, text=True, timeout=300, env=env)
+    assert result.returncode == 0, result.stderr
+
+    args = ["predict", "--model", str(checkpoint), "--device", "cpu", "--image", str(image_path), "--prompt", PROMPT,
+            "--max-new-tokens", "6", "--json"]  # fmt: skip
+    result = subprocess.run(
+        [sys.executable, "-m", "fastvlm_hf.cli", *args], capture_output=True, text=True, timeout=300, env=env
+    )
+    assert result.returncode == 0, result.stderr
+    report = json.loads(result.stdout)
+    assert report["settings"]["dtype"] == "float32"
+    assert report["timings"]["new_tokens"] == 6  # AVX2's float32 kernels round otherwise: no text to compare to

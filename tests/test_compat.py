@@ -21,6 +21,7 @@ from transformers import (
     Qwen2Model,
     pipeline,
 )
+from transformers import modeling_outputs
 from transformers.modeling_outputs import BaseModelOutputWithPast, CausalLMOutputWithPast
 
 import fastvlm_hf
@@ -46,10 +47,15 @@ def test_forward_names_the_cache_as_transformers_own_models_do(ours, theirs):
 
 
 @pytest.mark.parametrize(
-    "ours, theirs",
-    [(FastVLMCausalLMOutputWithPast, CausalLMOutputWithPast), (FastVLMModelOutputWithPast, BaseModelOutputWithPast)],
+    "ours, plain, multimodal",
+    [
+        (FastVLMCausalLMOutputWithPast, CausalLMOutputWithPast, "MultimodalCausalLMOutputWithPast"),
+        (FastVLMModelOutputWithPast, BaseModelOutputWithPast, "MultimodalBaseModelOutputWithPast"),
+    ],
 )
-def test_outputs_extend_transformers_own_output_classes(ours, theirs):
+def test_outputs_extend_transformers_own_output_classes(ours, plain, multimodal):
+    # From 5.24 on transformers' vision-language models return its multimodal outputs (with `image_outputs`).
+    theirs = getattr(modeling_outputs, multimodal, plain)
     assert issubclass(ours, theirs)
     own_fields = [field.name for field in dataclasses.fields(ours)]
     assert own_fields == [field.name for field in dataclasses.fields(theirs)] + ["image_hidden_states"]
@@ -61,6 +67,17 @@ def prompt(config, num_images=1):
 
 def pixels(num_images=1):
     return torch.rand(num_images, 3, 128, 128, generator=torch.Generator().manual_seed(0))
+
+
+@torch.no_grad()
+def test_the_image_encoders_output_is_returned_where_transformers_has_the_field(tiny_model, tiny_config):
+    output = tiny_model(input_ids=prompt(tiny_config), pixel_values=pixels())
+    fields = {field.name for field in dataclasses.fields(type(output))}
+    if not hasattr(modeling_outputs, "MultimodalCausalLMOutputWithPast"):
+        assert "image_outputs" not in fields  # before 5.24: nothing of our own in its place
+        return
+    assert torch.equal(output.image_outputs.pooler_output, output.image_hidden_states)
+    assert output.image_outputs.last_hidden_state.shape[:2] == (1, tiny_config.vision_config.hidden_size)
 
 
 @torch.no_grad()

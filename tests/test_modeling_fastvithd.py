@@ -5,7 +5,7 @@ import math
 
 import pytest
 import torch
-from conftest import TINY_VISION_CONFIG, count_calls, randomize_non_parameter_state
+from conftest import TINY_VISION_CONFIG, count_calls, needs_native_bfloat16, randomize_non_parameter_state
 from transformers import AutoConfig, AutoModel
 
 from fastvlm_hf import FastViTHDConfig, FastViTHDModel
@@ -354,6 +354,7 @@ def test_optimised_eval_path_matches_plain_math_in_float32(eval_tower, chunking)
     assert relative_error(eval_tower(pixel_values).last_hidden_state, expected) <= 1e-5
 
 
+@needs_native_bfloat16
 @torch.no_grad()
 def test_optimised_eval_path_in_bfloat16_stays_close(eval_tower):
     pixel_values = torch.rand(1, 3, 128, 128, generator=torch.Generator().manual_seed(1))
@@ -479,7 +480,7 @@ def test_convffn_runs_its_pointwise_layers_as_linear_layers_on_maps_with_few_pix
 
 @pytest.mark.parametrize("first_layer_band_rows", [0, 10, 10**6])  # stem bands of 1 row, 5 rows, the whole map
 @pytest.mark.parametrize("fused", [True, False], ids=["fused kernels", "modules"])
-@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
+@pytest.mark.parametrize("dtype", [torch.float32, pytest.param(torch.bfloat16, marks=needs_native_bfloat16)])
 def test_stem_in_row_bands_matches_the_whole_map(eval_tower, monkeypatch, first_layer_band_rows, fused, dtype):
     # A 48×96 image: the first layer's output is 24 rows of 48 pixels of 8 channels, the stem's 12 rows.
     first_layer_row_bytes = 8 * 48 * dtype.itemsize
@@ -514,7 +515,7 @@ def test_stem_runs_on_the_whole_map_with_autograd_or_nchw_input(eval_tower, monk
         assert kernels._band_rows(eval_tower.stem, pixel_values, heights) is None  # a small first-layer map (18 KiB)
 
 
-@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
+@pytest.mark.parametrize("dtype", [torch.float32, pytest.param(torch.bfloat16, marks=needs_native_bfloat16)])
 def test_channel_multiplier_convolution_runs_as_depthwise_over_repeated_channels(config, dtype):
     embed = seeded(FastViTHDPatchEmbed(config, in_channels=8, out_channels=16))
     large = embed.proj[0]

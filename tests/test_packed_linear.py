@@ -6,16 +6,14 @@ import pytest
 import torch
 import torch.nn.functional as F
 from checkpoint_helpers import model_inputs
+from conftest import needs_native_bfloat16
 from torch import nn
 
 from fastvlm_hf import FastVLMForConditionalGeneration, FastVLMModel
 from fastvlm_hf.cpu import fast_routes_off
 from fastvlm_hf.cpu.packed_linear import PackedLinear, can_pack
 
-pytestmark = pytest.mark.skipif(
-    not (torch.backends.mkldnn.is_available() and torch.ops.mkldnn._is_mkldnn_bf16_supported()),
-    reason="needs oneDNN with bfloat16 support on this CPU",
-)
+pytestmark = needs_native_bfloat16
 
 
 def model_in(tiny_model, dtype):

@@ -36,6 +36,9 @@ __all__ = [
     "takes_cache",
     "tied_weights_keys",
     "UntestedTransformersWarning",
+    "VLMBaseModelOutput",
+    "VLMCausalLMOutput",
+    "image_outputs_kwargs",
     "warn_if_untested_transformers",
     "weight_init",
 ]
@@ -67,6 +70,21 @@ def warn_if_untested_transformers(installed: version.Version | None = None) -> N
 
 # 5.0 and later ship transformers' own `fast_vlm` (`FastVlmConfig`, `FastVlmForConditionalGeneration`).
 HAS_NATIVE_FAST_VLM = hasattr(transformers, "FastVlmConfig")
+
+# The output classes a vision-language model extends: from 5.24 on, transformers' multimodal ones, which also carry the
+# image encoder's output (`image_outputs`).
+try:
+    from transformers.modeling_outputs import MultimodalBaseModelOutputWithPast as VLMBaseModelOutput
+    from transformers.modeling_outputs import MultimodalCausalLMOutputWithPast as VLMCausalLMOutput
+except ImportError:
+    from transformers.modeling_outputs import BaseModelOutputWithPast as VLMBaseModelOutput
+    from transformers.modeling_outputs import CausalLMOutputWithPast as VLMCausalLMOutput
+
+
+def image_outputs_kwargs(image_outputs: Any) -> dict[str, Any]:
+    """`{"image_outputs": image_outputs}` for the output classes that have the field, `{}` for the others."""
+    return {"image_outputs": image_outputs} if "image_outputs" in VLMCausalLMOutput.__dataclass_fields__ else {}
+
 
 # The name of the KV cache in model inputs, outputs and `generate`'s kwargs: 5.24 renamed `past_key_values` to `cache`
 # (the old name still works on inputs, with a deprecation warning). Read from the output class, so that it follows

@@ -10,13 +10,16 @@ from torch import nn
 from transformers import AutoModel, GenerationMixin, PreTrainedModel, Qwen2ForCausalLM
 from transformers.activations import ACT2FN
 from transformers.cache_utils import Cache
-from transformers.modeling_outputs import BaseModelOutputWithPast, BaseModelOutputWithPooling, CausalLMOutputWithPast
+from transformers.modeling_outputs import BaseModelOutputWithPooling
 
 from . import checkpoints, quantization
 from .compat import (
     CACHE_NAME,
+    VLMBaseModelOutput,
+    VLMCausalLMOutput,
     cache_of,
     complete_disk_offload,
+    image_outputs_kwargs,
     is_first_generation_step,
     own_layout_save_kwargs,
     takes_cache,
@@ -32,7 +35,7 @@ TIED_WEIGHTS = {"lm_head.weight": "model.language_model.embed_tokens.weight"}
 
 
 @dataclass
-class FastVLMModelOutputWithPast(BaseModelOutputWithPast):
+class FastVLMModelOutputWithPast(VLMBaseModelOutput):
     r"""
     image_hidden_states (`torch.FloatTensor` of shape `(num_images, tokens_per_image, hidden_size)`, *optional*):
         Projected image features of this forward pass.
@@ -42,7 +45,7 @@ class FastVLMModelOutputWithPast(BaseModelOutputWithPast):
 
 
 @dataclass
-class FastVLMCausalLMOutputWithPast(CausalLMOutputWithPast):
+class FastVLMCausalLMOutputWithPast(VLMCausalLMOutput):
     r"""
     image_hidden_states (`torch.FloatTensor` of shape `(num_images, tokens_per_image, hidden_size)`, *optional*):
         Projected image features of this forward pass.
@@ -302,11 +305,13 @@ class FastVLMModel(FastVLMPreTrainedModel):
         if inputs_embeds is None:
             inputs_embeds = self.get_input_embeddings()(input_ids)
 
-        image_features = None
+        image_outputs = image_features = None
         pixel_values = self.images_to_encode(pixel_values, input_ids, inputs_embeds, cache)
         if pixel_values is not None:
-            image_features = self.get_image_features(pixel_values, return_dict=True).pooler_output
-            image_features = image_features.to(inputs_embeds.device, inputs_embeds.dtype)
+            image_outputs = self.get_image_features(
+                pixel_values, output_hidden_states=output_hidden_states, return_dict=True
+            )
+            image_features = image_outputs.pooler_output.to(inputs_embeds.device, inputs_embeds.dtype)
             image_mask = self.get_placeholder_mask(input_ids, inputs_embeds, image_features)
             inputs_embeds = inputs_embeds.masked_scatter(image_mask, image_features)
 
@@ -328,6 +333,7 @@ class FastVLMModel(FastVLMPreTrainedModel):
             **{CACHE_NAME: cache_of(outputs)},
             hidden_states=outputs.hidden_states,
             attentions=outputs.attentions,
+            **image_outputs_kwargs(image_outputs),
             image_hidden_states=image_features,
         )
         return output if return_dict else output.to_tuple()
@@ -377,6 +383,19 @@ class FastVLMForConditionalGeneration(FastVLMPreTrainedModel, GenerationMixin):
 
     def get_image_features(self, pixel_values: torch.Tensor, **kwargs) -> BaseModelOutputWithPooling | tuple:
         return self.model.get_image_features(pixel_values, **kwargs)
+
+    # The parts of the model, reachable from the head as on transformers' Llava heads (tools look them up there).
+    @property
+    def vision_tower(self) -> FastViTHDModel:
+        return self.model.vision_tower
+
+    @property
+    def multi_modal_projector(self) -> FastVLMMultiModalProjector:
+        return self.model.multi_modal_projector
+
+    @property
+    def language_model(self) -> nn.Module:
+        return self.model.language_model
 
     @takes_cache
     def forward(
@@ -431,6 +450,7 @@ class FastVLMForConditionalGeneration(FastVLMPreTrainedModel, GenerationMixin):
             **{CACHE_NAME: cache_of(outputs)},
             hidden_states=outputs.hidden_states,
             attentions=outputs.attentions,
+            **image_outputs_kwargs(outputs.get("image_outputs")),
             image_hidden_states=outputs.image_hidden_states,
         )
         return output if return_dict else output.to_tuple()

@@ -5,7 +5,10 @@ from typing import Any
 from tokenizers import AddedToken
 from transformers import AutoTokenizer
 from transformers.feature_extraction_utils import BatchFeature
+from transformers.image_utils import ImageInput
 from transformers.processing_utils import MultiModalData, ProcessingKwargs, ProcessorMixin
+from transformers.tokenization_utils_base import TextInput
+from typing_extensions import Unpack
 
 from . import checkpoints
 from .compat import PROCESSOR_CLASS_ATTRIBUTES
@@ -141,7 +144,12 @@ class FastVLMProcessor(ProcessorMixin):
         num_images = len(image_sizes)
         return MultiModalData(num_image_tokens=[tokens_per_image] * num_images, num_image_patches=[1] * num_images)
 
-    def __call__(self, images=None, text=None, **kwargs) -> BatchFeature:
+    def __call__(
+        self,
+        images: ImageInput | None = None,
+        text: TextInput | list[TextInput] | None = None,
+        **kwargs: Unpack[FastVLMProcessorKwargs],
+    ) -> BatchFeature:
         """
         Tokenizes `text`, expanding each `<image>` placeholder into image tokens, and preprocesses `images`.
 

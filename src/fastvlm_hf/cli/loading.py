@@ -24,11 +24,17 @@ def resolve_device(name: str) -> str:
 
 
 def resolve_dtype(name: str, device: str):
-    """'auto' is bfloat16 on cuda and cpu, float16 on mps."""
+    """'auto' is bfloat16 on cuda and on a cpu that computes it natively (float32 on other cpus), float16 on mps."""
     import torch
 
     if name == "auto":
-        return torch.float16 if device == "mps" else torch.bfloat16
+        if device == "mps":
+            return torch.float16
+        if device == "cpu":
+            from ..cpu import has_native_bfloat16
+
+            return torch.bfloat16 if has_native_bfloat16() else torch.float32
+        return torch.bfloat16
     return getattr(torch, name)
 
 

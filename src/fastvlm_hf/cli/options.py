@@ -25,7 +25,8 @@ def add_model_options(parser: argparse.ArgumentParser) -> None:
     group.add_argument("--device", choices=["auto", "cpu", "cuda", "mps"], default="auto",
                        help="auto: cuda if available, else mps, else cpu (default: auto)")
     group.add_argument("--dtype", choices=["auto", "bfloat16", "float16", "float32"], default="auto",
-                       help="auto: bfloat16 on cuda and cpu, float16 on mps (default: auto)")
+                       help="auto: bfloat16 on cuda and on cpus that compute it natively, else float32; float16 on mps "
+                            "(default: auto)")
     bits = group.add_mutually_exclusive_group()
     bits.add_argument("--load-in-4bit", action="store_true",
                       help="quantize the weights to 4 bits with bitsandbytes (NF4; bf16 compute on CUDA)")

@@ -10,9 +10,20 @@ chunks, row bands, channel repetition), each with the rule of when it applies.
 from __future__ import annotations
 
 import contextlib
+import functools
 from collections.abc import Iterator
 
+import torch
+
 _fast_routes = True
+
+
+@functools.cache
+def has_native_bfloat16() -> bool:
+    """Whether this CPU computes bfloat16 natively (AVX512-BF16/AMX, or AVX-512 BW/VL/DQ, or AVX-NE-CONVERT), as
+    oneDNN's bfloat16 kernels need. Elsewhere they refuse to run, and plain PyTorch computes bfloat16 far slower
+    than float32 (9.8 against 0.33 s for the encoder at 512 px, measured with AVX2 only)."""
+    return torch.backends.mkldnn.is_available() and torch.ops.mkldnn._is_mkldnn_bf16_supported()
 
 
 def fast_routes_enabled() -> bool:

@@ -12,7 +12,7 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from . import fast_routes_enabled
+from . import fast_routes_enabled, has_native_bfloat16
 
 # Activations oneDNN can apply inside a convolution or a linear layer: config name -> (post-op, algorithm).
 _ONEDNN_POST_OPS = {"gelu": ("gelu", "none"), "relu": ("relu", None)}
@@ -45,15 +45,15 @@ _STEM_BAND_BYTES = 8 * 2**20
 
 def _cpu_inference(hidden_states: torch.Tensor, weight: torch.Tensor) -> bool:
     """Whether a forward pass may take the CPU inference kernels: fast routes on, no autograd, no compiler, float32 or
-    bfloat16 on the CPU, weights present (accelerate keeps offloaded weights on the meta device until their module
-    runs)."""
+    (on a CPU that computes it natively) bfloat16 on the CPU, weights present (accelerate keeps offloaded weights on
+    the meta device until their module runs)."""
     return (
         fast_routes_enabled()
         and torch.backends.mkldnn.enabled
         and not torch.compiler.is_compiling()  # the compiler fuses by itself
         and not torch.is_grad_enabled()  # the fused kernels have no backward
         and hidden_states.device.type == "cpu"
-        and hidden_states.dtype in (torch.float32, torch.bfloat16)
+        and (hidden_states.dtype == torch.float32 or (hidden_states.dtype == torch.bfloat16 and has_native_bfloat16()))
         and weight.device.type == "cpu"
     )
 

@@ -13,7 +13,7 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from . import fast_routes_enabled
+from . import fast_routes_enabled, has_native_bfloat16
 
 PACKABLE_DTYPES = (torch.float32, torch.bfloat16)
 # The kernels choose their blocked layout for an expected number of input rows; one row is a decoding step's.
@@ -27,7 +27,7 @@ def can_pack(module: nn.Module) -> bool:
     weight = module.weight
     if weight.device.type != "cpu" or weight.dtype not in PACKABLE_DTYPES:
         return False
-    return weight.dtype != torch.bfloat16 or torch.ops.mkldnn._is_mkldnn_bf16_supported()
+    return weight.dtype != torch.bfloat16 or has_native_bfloat16()
 
 
 class PackedLinear(nn.Module):
