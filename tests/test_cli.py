@@ -17,6 +17,7 @@ from transformers import AutoModelForImageTextToText, AutoProcessor
 import fastvlm_hf.cpu
 from fastvlm_hf import FastViTHDModel, FastVLMForConditionalGeneration, FastVLMModel
 from fastvlm_hf.chat import ChatSession
+from fastvlm_hf.cli import bench as bench_command
 from fastvlm_hf.cli import build_parser, main
 from fastvlm_hf.cli.loading import load_model, quantization_config, resolve_device, resolve_dtype
 from fastvlm_hf.cli.messages import describe_load_error
@@ -47,9 +48,12 @@ def checkpoint(tiny_config, tiny_processor, tmp_path_factory):
 
 @pytest.fixture(scope="module")
 def reference(checkpoint):
-    """The checkpoint's processor and model, loaded as a user of transformers would."""
+    """The checkpoint's processor and model, loaded as a user of transformers would, with its weights packed as the CLI
+    packs them on CPU: packed and plain float32 kernels round differently, which could flip a greedy token on a near
+    tie, so the answers are compared between models that compute alike."""
     processor = AutoProcessor.from_pretrained(checkpoint)
     model = AutoModelForImageTextToText.from_pretrained(checkpoint, dtype=torch.float32).eval()
+    model.pack_weights()
     return processor, model
 
 
@@ -119,10 +123,10 @@ def test_streamed_answer_equals_the_non_streamed_text(checkpoint, reference, ima
 def test_subprocess_run(checkpoint, reference, image_path):
     result = subprocess.run(
         [sys.executable, "-m", "fastvlm_hf.cli", *predict_args(checkpoint, image_path)],
-        check=False, capture_output=True, text=True, timeout=300, env={**os.environ, "HF_HUB_OFFLINE": "1"},
-    )  # fmt: skip
-    assert result.returncode == 0, result.stderr
-    assert result.stdout == expected_answer(reference, [image_path], PROMPT, 6) + "\n"
+        check=False, capture_output=True, timeout=300, env={**os.environ, "HF_HUB_OFFLINE": "1"},
+    )  # fmt: skip: bytes, as written (no newline translation)
+    assert result.returncode == 0, result.stderr.decode()
+    assert result.stdout == (expected_answer(reference, [image_path], PROMPT, 6) + "\n").encode()
 
 
 def test_several_images_make_one_prompt(checkpoint, reference, image_path, other_image_path, capsys):
@@ -339,11 +343,11 @@ def test_chat_subprocess_with_piped_questions(checkpoint, image_path, monkeypatc
     result = subprocess.run(
         [sys.executable, "-m", "fastvlm_hf.cli", "chat", *model_args(checkpoint), "--image", str(image_path),
          "--max-new-tokens", "6"],
-        input="\n".join(questions) + "\n", check=False, capture_output=True, text=True, timeout=300,
+        input=("\n".join(questions) + "\n").encode(), check=False, capture_output=True, timeout=300,
         env={**os.environ, "HF_HUB_OFFLINE": "1"},
-    )  # fmt: skip
-    assert result.returncode == 0, result.stderr
-    assert result.stdout == in_process and len(in_process.strip()) > 0
+    )  # fmt: skip: bytes, as written (no newline translation)
+    assert result.returncode == 0, result.stderr.decode()
+    assert result.stdout == in_process.encode() and len(in_process.strip()) > 0
 
 
 # --------------------------------------------------------------------------------------------------
@@ -548,3 +552,29 @@ def test_without_native_bfloat16_the_encoder_falls_back_and_predict_chooses_floa
     report = json.loads(result.stdout)
     assert report["settings"]["dtype"] == "float32"
     assert report["timings"]["new_tokens"] == 6  # AVX2's float32 kernels round otherwise: no text to compare to
+
+
+def test_json_with_beam_search_has_no_time_to_first_token(checkpoint, image_path, capsys):
+    # beam search does not stream, so no first-token time can be read; the key stays, as null
+    assert main(predict_args(checkpoint, image_path, "--num-beams", "2", "--json")) == 0
+    timings = json.loads(capsys.readouterr().out)["timings"]
+    assert "ttft_ms" in timings and timings["ttft_ms"] is None
+
+
+def test_bench_without_an_image_uses_its_picture_and_generates_exactly_the_tokens_asked(checkpoint, monkeypatch, capsys):
+    pictures, new_tokens = [], []
+    make_picture = bench_command._bench_image
+    monkeypatch.setattr(bench_command, "_bench_image", lambda: pictures.append(make_picture()) or pictures[-1])
+    generate = FastVLMForConditionalGeneration.generate
+
+    def counting_generate(self, *args, **kwargs):
+        output = generate(self, *args, **kwargs)
+        sequences = output.sequences if hasattr(output, "sequences") else output
+        new_tokens.append(sequences.shape[1] - kwargs["input_ids"].shape[1])
+        return output
+
+    monkeypatch.setattr(FastVLMForConditionalGeneration, "generate", counting_generate)
+    assert main(["bench", *model_args(checkpoint), "--repeats", "2", "--max-new-tokens", "3"]) == 0
+    assert [picture.size for picture in pictures] == [(1024, 768)]
+    assert new_tokens and set(new_tokens) == {3}  # every turn, first and follow-up, warm-up included
+    assert "3 new tokens" in capsys.readouterr().out

@@ -106,3 +106,14 @@ def test_image_mode_changes_what_the_model_sees(loaded):
     for parameter in model.model.vision_tower.parameters():
         parameter.copy_(torch.randn(parameter.shape, generator=generator) * 0.3)
     assert not torch.allclose(model(**padded).logits, model(**cropped).logits, rtol=1e-3, atol=1e-4)
+
+
+def test_auto_processor_takes_the_image_mode(tiny_checkpoint_dir):
+    cropping = AutoProcessor.from_pretrained(tiny_checkpoint_dir, image_mode="crop")
+    assert cropping.image_processor.image_mode == "crop"
+    assert AutoProcessor.from_pretrained(tiny_checkpoint_dir).image_processor.image_mode == "pad"
+    wide = picture(200, 64)
+    cropped = cropping.image_processor(wide, return_tensors="pt")["pixel_values"]
+    padded = AutoProcessor.from_pretrained(tiny_checkpoint_dir).image_processor(wide, return_tensors="pt")["pixel_values"]
+    assert not torch.equal(cropped, padded)
+    assert cropped[0, :, 0].abs().sum() > 0 and padded[0, :, 0].abs().sum() == 0  # no black band on top when cropped

@@ -12,6 +12,7 @@ import os
 os.environ.setdefault("TIMM_FUSED_ATTN", "0")
 
 import importlib.util  # noqa: E402
+import json  # noqa: E402
 
 import pytest  # noqa: E402
 import torch  # noqa: E402
@@ -43,6 +44,28 @@ IMAGE_SIDE = 128  # 2×2 image tokens
 VISION_CONFIG = {**NATIVE_VISION_CONFIG, "image_size": IMAGE_SIDE}
 
 
+def transformers_config(apple_config: dict) -> "transformers.FastVlmConfig":
+    """transformers' `FastVlmConfig` for an Apple checkpoint, built from the fields of Apple's published config.json
+    as their meaning is documented (`mlp2x_gelu`: Linear, GELU, Linear, with biases), never from this package's
+    translation of them, so that a wrong default of ours (an activation, a bias) shows in the comparison."""
+    assert apple_config["mm_projector_type"] == "mlp2x_gelu"
+    text_fields = ["vocab_size", "hidden_size", "intermediate_size", "num_hidden_layers", "num_attention_heads",
+                   "num_key_value_heads", "hidden_act", "rms_norm_eps", "rope_theta", "max_position_embeddings"]  # fmt: skip
+    tower = apple_config["vision_config"]  # the tiny tower's sizes (Apple's own are fastvit_mci3's defaults)
+    return transformers.FastVlmConfig(
+        vision_config={
+            "architecture": "fastvit_mci3",
+            "hidden_size": apple_config["mm_hidden_size"],
+            "model_args": {"inference_mode": True, "layers": tower["depths"], "embed_dims": tower["embed_dims"]},
+        },
+        text_config={"model_type": "qwen2", **{field: apple_config[field] for field in text_fields}},
+        image_token_id=apple_config["image_token_index"],
+        projector_hidden_act="gelu",
+        multimodal_projector_bias=True,
+        tie_word_embeddings=apple_config["tie_word_embeddings"],
+    )
+
+
 def relative_error(actual: torch.Tensor, expected: torch.Tensor) -> float:
     return ((actual - expected).abs().max() / expected.abs().max()).item()
 
@@ -56,6 +79,8 @@ def models(request, tmp_path_factory):
     apple_dir = write_apple_checkpoint(tmp_path_factory.mktemp("apple"), reference, tokenizer)
     native_dir = tmp_path_factory.mktemp("native")
     assert main(["convert", str(apple_dir), str(native_dir), "--to", "transformers"]) == 0
+    # transformers' side reads the converted weights under a config of its own, not the converter's
+    transformers_config(json.loads((apple_dir / "config.json").read_text())).save_pretrained(native_dir)
 
     ours = FastVLMForConditionalGeneration.from_pretrained(apple_dir, dtype=torch.float32).eval()
     theirs = transformers.FastVlmForConditionalGeneration.from_pretrained(native_dir, dtype=torch.float32).eval()
