@@ -5,7 +5,13 @@ import math
 
 import pytest
 import torch
-from conftest import TINY_VISION_CONFIG, count_calls, needs_native_bfloat16, randomize_non_parameter_state
+from conftest import (
+    TINY_VISION_CONFIG,
+    count_calls,
+    give_weights_a_working_scale,
+    needs_native_bfloat16,
+    randomize_non_parameter_state,
+)
 from transformers import AutoConfig, AutoModel
 
 from fastvlm_hf import FastViTHDConfig, FastViTHDModel
@@ -324,10 +330,29 @@ def relative_error(actual, expected):
 
 @pytest.fixture
 def eval_tower(config):
+    """A tiny tower in which every stage shapes the output (`test_every_stage_moves_the_output` shows it)."""
     torch.manual_seed(0)
     model = FastViTHDModel(config)
     randomize_non_parameter_state(model)
+    give_weights_a_working_scale(model)
     return model.eval()
+
+
+@torch.no_grad()
+def test_every_stage_moves_the_output(eval_tower):
+    # With initialisation's std 0.02 the early stages' signal vanishes below float32 resolution, and a whole-tower
+    # test then checks only the last stages; here scaling any part's output by 1.1 moves the features.
+    pixel_values = torch.rand(1, 3, 128, 128, generator=torch.Generator().manual_seed(1))
+    expected = eval_tower(pixel_values).last_hidden_state
+    parts = {"stem": eval_tower.stem, "final_conv": eval_tower.final_conv}
+    parts.update({f"stage {index}": stage for index, stage in enumerate(eval_tower.stages)})
+    for name, part in parts.items():
+        handle = part.register_forward_hook(lambda module, args, output: output * 1.1)
+        try:
+            moved = eval_tower(pixel_values).last_hidden_state
+        finally:
+            handle.remove()
+        assert relative_error(moved, expected) > 1e-3, name
 
 
 @pytest.fixture(params=["whole maps", "pixel chunks and row bands"])
@@ -361,7 +386,7 @@ def test_optimised_eval_path_in_bfloat16_stays_close(eval_tower):
     expected = tower_by_hand(copy.deepcopy(eval_tower).double(), pixel_values.double())
     actual = eval_tower.to(torch.bfloat16)(pixel_values.bfloat16()).last_hidden_state
     assert actual.dtype == torch.bfloat16
-    assert relative_error(actual, expected) <= 3e-2
+    assert relative_error(actual, expected) <= 6e-2  # bfloat16's 8-bit mantissa, through five stages (4.9 % here)
 
 
 @torch.no_grad()
@@ -408,7 +433,8 @@ def test_torch_compile_captures_the_encoder_in_one_graph(eval_tower):
     pixel_values = torch.rand(1, 3, 128, 128, generator=torch.Generator().manual_seed(3))
     compiled = torch.compile(eval_tower, fullgraph=True, backend="eager")
     with torch.no_grad():
-        assert torch.allclose(compiled(pixel_values).last_hidden_state, eval_tower(pixel_values).last_hidden_state)
+        compiled_features = compiled(pixel_values).last_hidden_state  # the compiler may reorder float32 sums
+        assert relative_error(compiled_features, eval_tower(pixel_values).last_hidden_state) <= 1e-5
 
 
 def test_inference_kernels_match_the_differentiable_path(eval_tower):
