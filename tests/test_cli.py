@@ -578,3 +578,42 @@ def test_bench_without_an_image_uses_its_picture_and_generates_exactly_the_token
     assert [picture.size for picture in pictures] == [(1024, 768)]
     assert new_tokens and set(new_tokens) == {3}  # every turn, first and follow-up, warm-up included
     assert "3 new tokens" in capsys.readouterr().out
+
+
+# --------------------------------------------------------------------------------------------------
+# Bad input: one line, nothing lost
+
+
+def test_image_placeholders_typed_in_the_prompt_are_one_line(checkpoint, image_path, capsys):
+    assert main(predict_args(checkpoint, image_path, prompt="<image> what <image>")) == 1
+    [line] = error_lines(capsys.readouterr().err)
+    assert "2 `<image>` in the prompt" in line and "--image" in line
+
+
+def test_an_image_placeholder_in_a_chat_question_is_refused_and_the_chat_goes_on(
+    checkpoint, reference, image_path, monkeypatch, capsys
+):
+    sessions = Sessions(monkeypatch)
+    captured = run_chat(monkeypatch, capsys, checkpoint, image_path, ["what is <image>?", PROMPT])
+    [line] = error_lines(captured.err)
+    assert "1 `<image>` in the question" in line
+    [session] = sessions.created
+    assert session.input_ids is not None and int((session.input_ids == session.model.config.image_token_id).sum()) == 4
+    assert captured.out == expected_answer(reference, [image_path], PROMPT, 6) + "\n"  # the only turn taken
+
+
+def test_an_image_too_large_to_open_safely_is_one_line_and_chat_goes_on(
+    checkpoint, image_path, tmp_path, monkeypatch, capsys
+):
+    # Pillow refuses images over twice its limit (a 20000×20000 PNG by default); a lower limit stands in for one
+    monkeypatch.setattr(Image, "MAX_IMAGE_PIXELS", 20_000)  # the scene (180×120) opens, with a warning only
+    huge = tmp_path / "huge.png"
+    Image.new("RGB", (300, 300), (9, 9, 9)).save(huge)
+    assert main(predict_args(checkpoint, huge)) == 1
+    [line] = error_lines(capsys.readouterr().err)
+    assert f"image {huge} is too large to open safely" in line and "exceeds limit of 40000 pixels" in line
+
+    captured = run_chat(monkeypatch, capsys, checkpoint, image_path, [f"/image {huge}", PROMPT])
+    [line] = error_lines(captured.err)
+    assert "too large to open safely" in line
+    assert captured.out.strip()  # the conversation went on about the first image

@@ -123,10 +123,31 @@ def test_packed_layers_refuse_gradients_and_casts_with_a_clear_error(tiny_model)
     model.pack_weights()
     with pytest.raises(RuntimeError, match="no gradient.*unpack_weights"):
         model.train()(**inputs, labels=inputs["input_ids"])
-    model.eval().to(torch.float32)
+
+    before = {name: (tensor.dtype, tensor.clone()) for name, tensor in model.state_dict().items()}
+    for cast in (lambda m: m.to(torch.float32), lambda m: m.float(), lambda m: m.half(), lambda m: m.to("meta")):
+        with pytest.raises(RuntimeError, match="packed for torch.bfloat16 on CPU.*`unpack_weights\(\)` before"):
+            cast(model.eval())
+    after = model.state_dict()  # refused before anything moved: the model is as it was, and still works
+    assert all(after[name].dtype == dtype and torch.equal(after[name], tensor) for name, (dtype, tensor) in before.items())
+    model.to("cpu")  # a move to where it is passes
+    with torch.no_grad():
+        packed_logits = model(**inputs).logits
+
+    model.unpack_weights()  # the fix the message names: unpack, cast, pack again
+    model.float().pack_weights()
     inputs["pixel_values"] = inputs["pixel_values"].float()
-    with torch.no_grad(), pytest.raises(RuntimeError, match="packed for torch.bfloat16 on CPU.*unpack_weights"):
-        model(**inputs)
+    with torch.no_grad():
+        logits = model(**inputs).logits
+        with fast_routes_off():  # the plain float32 computation of the same weights
+            expected = model(**inputs).logits
+    assert logits.dtype == torch.float32 and all(p.dtype == torch.float32 for p in model.parameters())
+    assert relative_error(logits, expected) <= 1e-5
+    assert packed_logits.dtype == torch.bfloat16
+
+
+def relative_error(actual, expected):
+    return ((actual - expected).abs().max() / expected.abs().max()).item()
 
 
 def test_only_plain_cpu_layers_in_bfloat16_or_float32_are_packed(tiny_model):

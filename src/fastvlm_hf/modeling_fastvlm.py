@@ -27,7 +27,7 @@ from .compat import (
     weight_init,
 )
 from .configuration_fastvlm import FastVLMConfig
-from .cpu.packed_linear import pack_linear_layers, unpack_linear_layers
+from .cpu.packed_linear import PackedLinear, pack_linear_layers, refuse_to_move_or_cast, unpack_linear_layers
 from .modeling_fastvithd import FastViTHDModel
 
 # The output head shares the input embedding when `text_config.tie_word_embeddings` is set.
@@ -152,6 +152,13 @@ class FastVLMPreTrainedModel(PreTrainedModel):
         packed copy of the input embedding. Returns the names of the layers packed.
         """
         return pack_linear_layers(self, self._packable_modules)
+
+    def _apply(self, fn, recurse=True):
+        # Refused before anything moves: a model half cast would be left behind otherwise.
+        for module in self.modules():
+            if isinstance(module, PackedLinear):
+                refuse_to_move_or_cast(fn, module.dtype)
+        return super()._apply(fn, recurse)
 
     def unpack_weights(self) -> list[str]:
         """Undoes `pack_weights`: plain `nn.Linear` layers again, the output head tied again if the config ties it.

@@ -6,7 +6,7 @@ import argparse
 import sys
 
 from .loading import load, load_image
-from .messages import CLIError, status
+from .messages import CLIError, refuse_image_placeholders, status
 from .options import add_command, add_generation_options, add_model_options, generation_kwargs
 
 CHAT_HELP = "Type a question and press Enter. /image PATH: talk about another image; /reset: start over; /exit: quit."
@@ -81,6 +81,9 @@ def _chat_turn(session, processor, question: str) -> None:
         status("Encoding image ...")
     streamer = TextStreamer(processor.tokenizer, skip_prompt=True, skip_special_tokens=True)
     try:
+        refuse_image_placeholders(question, processor.image_token, "question")
         session.ask(question, streamer=streamer)
+    except CLIError as error:
+        status(f"fastvlm-hf: error: {error}")
     except ContextLengthError as error:
         status(f"fastvlm-hf: error: {error}; /reset starts a new conversation")

@@ -71,6 +71,10 @@ def load_image(path: str):
         raise CLIError(f"expected an image file, got a directory: {path}") from error
     except UnidentifiedImageError as error:
         raise CLIError(f"not an image file Pillow can read: {path}") from error
+    except Image.DecompressionBombError as error:
+        raise CLIError(f"image {path} is too large to open safely: {first_line(error)} Shrink it first (the model "
+                       f"sees it at --resolution pixels), or, if you trust it, raise the limit with PIL's "
+                       f"Image.MAX_IMAGE_PIXELS in Python") from error  # fmt: skip
     except OSError as error:
         raise CLIError(f"cannot read image {path}: {first_line(error)}") from error
     return image

@@ -14,6 +14,15 @@ def status(message: str) -> None:
     print(message, file=sys.stderr, flush=True)
 
 
+def refuse_image_placeholders(text: str, image_token: str, what: str) -> None:
+    """The command places each image's placeholder itself, before the text: one typed in the text would be an image
+    token with no image behind it."""
+    count = text.count(image_token)
+    if count:
+        raise CLIError(f"{count} `{image_token}` in the {what}: the images (--image) go before the text by "
+                       f"themselves, one `{image_token}` each; leave `{image_token}` out of the {what}")  # fmt: skip
+
+
 def first_line(error: BaseException) -> str:
     text = str(error).strip()
     return text.splitlines()[0] if text else type(error).__name__

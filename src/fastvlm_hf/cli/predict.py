@@ -6,7 +6,7 @@ import argparse
 import json
 
 from .loading import load, load_image
-from .messages import CLIError, status
+from .messages import CLIError, refuse_image_placeholders, status
 from .options import (
     add_command,
     add_generation_options,
@@ -43,6 +43,9 @@ def run(args: argparse.Namespace) -> int:
 
     images = [load_image(path) for path in args.image]
     processor, model = load(args)
+    refuse_image_placeholders(args.prompt, processor.image_token, "prompt")
+    if args.system_prompt:
+        refuse_image_placeholders(args.system_prompt, processor.image_token, "system prompt")
     streams = args.num_beams == 1 and not args.json  # transformers streams greedy and sampled decoding, not beams
     text_streamer = TextStreamer(processor.tokenizer, skip_prompt=True, skip_special_tokens=True) if streams else None
     messages = conversation_start(images, args.prompt, args.system_prompt)

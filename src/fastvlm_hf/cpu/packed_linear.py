@@ -60,6 +60,10 @@ class PackedLinear(nn.Module):
             return F.linear(hidden_states, self.packed_weight.to_dense(), self.bias)
         return torch.ops.mkldnn._linear_pointwise(hidden_states, self.packed_weight, self.bias, "none", [], "")
 
+    def _apply(self, fn, recurse=True):
+        refuse_to_move_or_cast(fn, self.dtype)
+        return super()._apply(fn, recurse)
+
     def unpack(self) -> nn.Linear:
         """A plain `nn.Linear` with this layer's weight and bias."""
         with torch.device("meta"):
@@ -70,6 +74,18 @@ class PackedLinear(nn.Module):
 
     def extra_repr(self) -> str:
         return f"in_features={self.in_features}, out_features={self.out_features}, bias={self.bias is not None}"
+
+
+def refuse_to_move_or_cast(fn, packed_dtype: torch.dtype) -> None:
+    """Raises, naming the fix, when `fn` (what `Module._apply` applies: `.to(...)`, `.float()`, `.half()`, `.cuda()`)
+    would move a tensor off the CPU or cast it from `packed_dtype`; moves to the CPU in that dtype pass."""
+    probe = fn(torch.empty(0, dtype=packed_dtype))
+    if probe.dtype != packed_dtype or probe.device.type != "cpu":
+        raise RuntimeError(
+            f"the language model's weights are packed for {packed_dtype} on CPU (`pack_weights()`): call "
+            f"`unpack_weights()` before moving or casting the model to {probe.dtype} on {probe.device}, and "
+            f"`pack_weights()` afterwards to pack them again"
+        )
 
 
 def _add_plain_weight(module: PackedLinear, state_dict: dict, prefix: str, local_metadata) -> None:
