@@ -186,5 +186,7 @@ def write_native_checkpoint(directory, model):
         image_token_id=config.image_token_id,
     ).save_pretrained(directory)
     state_dict = checkpoints.from_fastvlm_state_dict(model.state_dict(), checkpoints.TRANSFORMERS)
+    if config.tie_word_embeddings:  # a tied head is not stored, as transformers saves it
+        state_dict.pop("lm_head.weight", None)
     save_file({key: tensor.contiguous() for key, tensor in state_dict.items()}, directory / "model.safetensors")
     return directory

@@ -11,6 +11,7 @@ import threading
 
 import pytest
 import torch
+import transformers
 from PIL import Image
 from transformers import AutoModelForImageTextToText, AutoProcessor
 
@@ -617,3 +618,26 @@ def test_an_image_too_large_to_open_safely_is_one_line_and_chat_goes_on(
     [line] = error_lines(captured.err)
     assert "too large to open safely" in line
     assert captured.out.strip()  # the conversation went on about the first image
+
+
+def test_a_missing_relative_folder_with_one_slash_is_reported_as_a_folder(image_path, tmp_path, monkeypatch, capsys):
+    (tmp_path / "checkpoints").mkdir()
+    monkeypatch.chdir(tmp_path)
+    assert main(["predict", "--model", "checkpoints/fastvlm", "--image", str(image_path), "--prompt", "hi"]) == 1
+    [line] = error_lines(capsys.readouterr().err)
+    assert "model folder not found: checkpoints/fastvlm" in line
+
+
+@pytest.mark.skipif(not hasattr(transformers, "FastVlmConfig"), reason="transformers' fast_vlm layout exists from 5.0")
+def test_a_native_fast_vlm_folder_runs_with_this_packages_classes(checkpoint, image_path, tmp_path, monkeypatch, capsys):
+    from checkpoint_helpers import write_native_checkpoint
+
+    model = FastVLMForConditionalGeneration.from_pretrained(checkpoint, dtype=torch.float32)
+    native = write_native_checkpoint(tmp_path / "native", model)
+    AutoProcessor.from_pretrained(checkpoint).tokenizer.save_pretrained(native)
+    assert json.loads((native / "config.json").read_text())["model_type"] == "fast_vlm"
+    monkeypatch.setitem(sys.modules, "timm", None)  # the native classes would need timm; ours do not
+    assert main(["predict", "--model", str(native), "--device", "cpu", "--dtype", "float32", "--image", str(image_path),
+                 "--prompt", PROMPT, "--max-new-tokens", "6", "--resolution", "128"]) == 0  # fmt: skip
+    captured = capsys.readouterr()
+    assert captured.out.strip() and error_lines(captured.err) == []

@@ -90,44 +90,50 @@ def _download_image(url: str):
 
 
 def _looks_like_path(model_id: str) -> bool:
-    """Hub ids are 'name' or 'owner/name'; anything else is meant as a local folder."""
-    return os.path.isabs(model_id) or model_id.startswith((".", "~")) or model_id.count("/") > 1
+    """Hub ids are 'name' or 'owner/name'; anything else is meant as a local folder, and so is 'owner/name' when a
+    folder 'owner' exists here."""
+    if os.path.isabs(model_id) or model_id.startswith((".", "~")) or model_id.count("/") > 1:
+        return True
+    return "/" in model_id and os.path.isdir(model_id.split("/")[0])
 
 
 def load_processor(model_id: str, resolution: int | None = None, image_mode: str | None = None):
-    """The checkpoint's processor, with the image size and mode the command line asks for."""
-    from transformers import AutoProcessor
-
-    import fastvlm_hf  # noqa: F401  (registers the FastVLM classes with the Auto classes)
+    """The checkpoint's processor, with the image size and mode the command line asks for. FastVLM's own, whatever the
+    layout: transformers' native `fast_vlm` checkpoints name transformers' processor, which would need torchvision."""
+    from ..compat import PretrainedConfig
+    from ..processing_fastvlm import FastVLMProcessor
 
     try:
-        processor = AutoProcessor.from_pretrained(model_id)
+        PretrainedConfig.get_config_dict(model_id)  # a model that cannot be found fails here, with the Hub's reason
+        processor = FastVLMProcessor.from_pretrained(model_id)
     except (OSError, ValueError) as error:
         raise CLIError(describe_load_error(model_id, error)) from error
     image_processor = processor.image_processor
     if resolution is not None:
-        patch_size = getattr(image_processor, "patch_size", 64)
-        if resolution % patch_size:
-            nearest = max(patch_size, round(resolution / patch_size) * patch_size)
-            raise CLIError(f"--resolution {resolution} is not a multiple of {patch_size}, the vision encoder's stride; "
-                           f"try --resolution {nearest}")  # fmt: skip
+        check_resolution(resolution, image_processor.patch_size)
         image_processor.size = {"height": resolution, "width": resolution}
     if image_mode is not None:
         image_processor.image_mode = image_mode
     return processor
 
 
-def load_model(model_id: str, device: str, dtype, quantization=None):
-    """Load the model through the Auto classes that ``import fastvlm_hf`` registers."""
-    from transformers import AutoModelForImageTextToText
+def check_resolution(resolution: int, patch_size: int) -> None:
+    if resolution % patch_size:
+        nearest = max(patch_size, round(resolution / patch_size) * patch_size)
+        raise CLIError(f"--resolution {resolution} is not a multiple of {patch_size}, the vision encoder's stride; "
+                       f"try --resolution {nearest}")  # fmt: skip
 
-    import fastvlm_hf  # noqa: F401
+
+def load_model(model_id: str, device: str, dtype, quantization=None):
+    """FastVLM's own model class, which loads all three layouts (the Auto classes would pick transformers' own class,
+    which needs timm, for a native `fast_vlm` checkpoint)."""
+    from ..modeling_fastvlm import FastVLMForConditionalGeneration
 
     kwargs = {"dtype": dtype, "device_map": device}
     if quantization is not None:
         kwargs["quantization_config"] = quantization
     try:
-        model = AutoModelForImageTextToText.from_pretrained(model_id, **kwargs)
+        model = FastVLMForConditionalGeneration.from_pretrained(model_id, **kwargs)
     except (OSError, ValueError, ImportError) as error:
         raise CLIError(describe_load_error(model_id, error)) from error
     if device == "cpu" and hasattr(model, "pack_weights"):  # inference only: the faster CPU layout
@@ -145,7 +151,11 @@ def load(args: argparse.Namespace):
     device = resolve_device(args.device)
     dtype = resolve_dtype(args.dtype, device)
     quantization = quantization_config(args, device)
-    processor = load_processor(model_id, args.resolution, args.image_mode)
+    if args.resolution is not None:  # before loading anything: FastViTHD's stride is 64 in every checkpoint
+        from ..configuration_fastvithd import FastViTHDConfig
+
+        check_resolution(args.resolution, FastViTHDConfig().patch_size)
     bits = " 4-bit" if args.load_in_4bit else " 8-bit" if args.load_in_8bit else ""
     status(f"Loading model {model_id} on {device} ({str(dtype).removeprefix('torch.')}{bits}) ...")
+    processor = load_processor(model_id, args.resolution, args.image_mode)
     return processor, load_model(model_id, device, dtype, quantization)
