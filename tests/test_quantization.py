@@ -1,6 +1,7 @@
 """bitsandbytes 4-bit and 8-bit loading on CPU, and big-model loading with a device map that offloads to disk."""
 
 import json
+import logging
 
 import pytest
 import torch
@@ -319,3 +320,13 @@ def test_auto_device_map_never_splits_the_vision_tower(quant_model, declared):
         assert len(devices) == 1
     else:  # what declaring the tower in `_no_split_modules` prevents
         assert devices == {0, 1}
+
+
+def test_8bit_generation_says_that_it_casts_the_inputs_once(quant_dir, caplog, monkeypatch):
+    bnb_logger = logging.getLogger("bitsandbytes.autograd._functions")
+    monkeypatch.setattr(bnb_logger, "filters", [])  # as in a fresh process, whatever loaded in 8 bits before
+    model = load(quant_dir, INT8)
+    with caplog.at_level(logging.WARNING, logger="bitsandbytes"):
+        greedy(model)  # dozens of 8-bit matmuls on CPU, each casting its float32 input
+    notices = [record for record in caplog.records if record.getMessage().startswith("MatMul8bitLt: inputs will be cast")]
+    assert len(notices) == 1

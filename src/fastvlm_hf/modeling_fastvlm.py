@@ -128,6 +128,7 @@ class FastVLMPreTrainedModel(PreTrainedModel):
         """What every layout needs once transformers has loaded it (`loaded` may be a `(model, info)` pair)."""
         model = loaded[0] if isinstance(loaded, tuple) else loaded
         quantization.keep_standard_4bit_layout(model)
+        quantization.say_8bit_casts_once(model)
         complete_disk_offload(model, TIED_WEIGHTS)
         return loaded
 

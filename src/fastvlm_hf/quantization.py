@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import copy
 import json
+import logging
 import os
 from typing import Any
 
@@ -104,6 +105,33 @@ def keep_standard_4bit_layout(model) -> None:
     for module in model.modules():
         if hasattr(module, "support_avx512bf16_for_cpu"):
             module.support_avx512bf16_for_cpu = False
+
+
+# bitsandbytes logs this on every 8-bit matmul whose input is not float16 (every one on CPU): 56 lines for 4 tokens.
+_REPEATED_8BIT_NOTICE = "MatMul8bitLt: inputs will be cast"
+
+
+class _FirstTimeOnly(logging.Filter):
+    """Lets the first record that starts with `prefix` through, and drops the ones after it."""
+
+    def __init__(self, prefix: str):
+        super().__init__()
+        self.prefix, self.seen = prefix, False
+
+    def filter(self, record: logging.LogRecord) -> bool:
+        if not record.getMessage().startswith(self.prefix):
+            return True
+        first, self.seen = not self.seen, True
+        return first
+
+
+def say_8bit_casts_once(model) -> None:
+    """After an 8-bit load: bitsandbytes' notice that it casts the inputs is shown once, not on every matmul."""
+    if not getattr(model, "is_loaded_in_8bit", False):
+        return
+    logger = logging.getLogger("bitsandbytes.autograd._functions")
+    if not any(isinstance(existing, _FirstTimeOnly) for existing in logger.filters):
+        logger.addFilter(_FirstTimeOnly(_REPEATED_8BIT_NOTICE))
 
 
 def _skip_list(quantization_config: Any) -> list[str]:
