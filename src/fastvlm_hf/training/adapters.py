@@ -1,0 +1,109 @@
+"""What PEFT needs to know about FastVLM: which layers get LoRA adapters, which train in full, what stays frozen."""
+
+from __future__ import annotations
+
+from typing import Any
+
+from torch import nn
+from torch.nn.modules.batchnorm import _BatchNorm
+
+from ..packed_linear import PackedLinear
+
+PROJECTOR = "multi_modal_projector"
+VISION_TOWER = "vision_tower"
+LANGUAGE_MODEL = "language_model"
+PROJECTOR_MODES = ("frozen", "lora", "full")
+
+
+def _base_model(model: nn.Module) -> nn.Module:
+    """The FastVLM model inside a PEFT model, or the model itself."""
+    return model.get_base_model() if hasattr(model, "get_base_model") else model
+
+
+def check_trainable(model: nn.Module) -> None:
+    """Raises unless `model` can be trained: layers packed by `pack_weights()` have no gradient."""
+    packed = [name for name, module in _base_model(model).named_modules() if isinstance(module, PackedLinear)]
+    if packed:
+        raise ValueError(
+            f"{len(packed)} linear layers (e.g. {packed[0]!r}) are packed for CPU inference by `pack_weights()` and "
+            "have no gradient: call `model.unpack_weights()` before training."
+        )
+
+
+def _in_module(name: str, module: str) -> bool:
+    return name.startswith(module + ".") or f".{module}." in name
+
+
+def lora_target_modules(model: nn.Module, projector: bool = False) -> list[str]:
+    """The names of the language model's linear layers (every decoder layer's attention and MLP projections), for
+    `peft.LoraConfig(target_modules=...)`; with `projector=True`, the projector's two linear layers as well.
+
+    The vision tower and the output head are never listed: LoRA on the head would be bypassed by TRL's fused loss.
+    """
+    check_trainable(model)
+    wanted = (LANGUAGE_MODEL, PROJECTOR) if projector else (LANGUAGE_MODEL,)
+    return [
+        name
+        for name, module in _base_model(model).named_modules()
+        if isinstance(module, nn.Linear) and any(_in_module(name, part) for part in wanted)
+    ]
+
+
+def lora_config(
+    model: nn.Module,
+    r: int = 16,
+    lora_alpha: int = 32,
+    lora_dropout: float = 0.05,
+    projector: str = "frozen",
+    train_vision_tower: bool = False,
+    **kwargs: Any,
+):
+    """A `peft.LoraConfig` for FastVLM: LoRA on the language model's linear layers, the vision tower frozen.
+
+    Args:
+        projector: `"frozen"`, `"lora"` (LoRA on its two linear layers too) or `"full"` (trained in full, saved with
+            the adapter).
+        train_vision_tower: train the vision tower in full (saved with the adapter; its BatchNorm statistics stay
+            those of the checkpoint, see `prepare_model_for_training`).
+        kwargs: more `LoraConfig` fields.
+    """
+    from peft import LoraConfig
+
+    if projector not in PROJECTOR_MODES:
+        raise ValueError(f"projector must be one of {', '.join(PROJECTOR_MODES)}, got {projector!r}")
+    modules_to_save = [PROJECTOR] if projector == "full" else []
+    if train_vision_tower:
+        modules_to_save.append(VISION_TOWER)
+    return LoraConfig(
+        r=r,
+        lora_alpha=lora_alpha,
+        lora_dropout=lora_dropout,
+        target_modules=lora_target_modules(model, projector=projector == "lora"),
+        modules_to_save=modules_to_save or None,
+        task_type="CAUSAL_LM",
+        **kwargs,
+    )
+
+
+def prepare_model_for_training(model: nn.Module) -> nn.Module:
+    """Readies a FastVLM model for fine-tuning, before PEFT wraps it; returns it.
+
+    - Checks that no layer is packed (`pack_weights()`).
+    - Keeps the vision tower's BatchNorm layers in eval mode whenever the tower runs, also after `model.train()`: they
+      normalise with the checkpoint's running statistics and never update them. Training mode would normalise with the
+      statistics of each small batch and overwrite the checkpoint's, changing a tower that was meant to stay frozen
+      (and a trained tower would learn under other statistics than it runs with).
+    """
+    check_trainable(model)
+    for name, module in _base_model(model).named_modules():
+        if name.endswith(VISION_TOWER) and not getattr(module, "_batch_norm_frozen", False):
+            module.register_forward_pre_hook(_batch_norm_in_eval_mode)
+            module._batch_norm_frozen = True
+    return model
+
+
+def _batch_norm_in_eval_mode(module: nn.Module, args: tuple) -> None:
+    # The module is looked up on each call: PEFT's trainable copy of the tower carries this hook too.
+    for submodule in module.modules():
+        if isinstance(submodule, _BatchNorm):
+            submodule.eval()
