@@ -12,9 +12,11 @@ see `collator.py` for what the collator makes of them and `data.py` for the chec
 from .adapters import check_trainable, lora_config, lora_target_modules, prepare_model_for_training
 from .collator import IGNORE_INDEX, FastVLMDataCollator, RowError, load_image
 from .data import BadRow, DataError, TrainingRows, find_bad_rows, load_rows, read_jsonl
+from .trainer import SFT_DATA_SETTINGS, merge_adapter, sft_trainer, to_dataset
 
 __all__ = [
     "IGNORE_INDEX",
+    "SFT_DATA_SETTINGS",
     "BadRow",
     "DataError",
     "FastVLMDataCollator",
@@ -24,8 +26,11 @@ __all__ = [
     "find_bad_rows",
     "load_image",
     "load_rows",
+    "merge_adapter",
     "lora_config",
     "lora_target_modules",
     "prepare_model_for_training",
     "read_jsonl",
+    "sft_trainer",
+    "to_dataset",
 ]

@@ -93,6 +93,8 @@ def prepare_model_for_training(model: nn.Module) -> nn.Module:
       normalise with the checkpoint's running statistics and never update them. Training mode would normalise with the
       statistics of each small batch and overwrite the checkpoint's, changing a tower that was meant to stay frozen
       (and a trained tower would learn under other statistics than it runs with).
+    - Keeps those statistics in the dtype of the layer's weights: `peft.prepare_model_for_kbit_training` casts the
+      weights of a half-precision model to float32 but not the statistics, which BatchNorm refuses.
     """
     check_trainable(model)
     for name, module in _base_model(model).named_modules():
@@ -107,3 +109,7 @@ def _batch_norm_in_eval_mode(module: nn.Module, args: tuple) -> None:
     for submodule in module.modules():
         if isinstance(submodule, _BatchNorm):
             submodule.eval()
+            dtype = submodule.weight.dtype
+            if submodule.running_mean.dtype != dtype:
+                submodule.running_mean.data = submodule.running_mean.data.to(dtype)
+                submodule.running_var.data = submodule.running_var.data.to(dtype)
