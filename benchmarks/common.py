@@ -180,31 +180,17 @@ def patched(owner: object, name: str, value: object) -> Iterator[None]:
         setattr(owner, name, original)
 
 
-def _dense_linear(self, hidden_states):
-    return torch.nn.functional.linear(hidden_states, self.packed_weight.to_dense(), self.bias)
-
-
-@contextlib.contextmanager
-def _counted_paths() -> Iterator[None]:
-    """The oneDNN kernels fastvlm_hf runs on CPU (FastViTHD's fused convolution + activation and its ConvFFN layers
-    run as linear ones, the packed linear layers of `pack_weights()`) bypass the dispatcher's Python modes, so
-    FlopCounterMode cannot see them; their plain paths do the same arithmetic, and are what gets counted. The stem runs
-    on the whole map too: its bands recompute a few rows where they meet."""
-    from fastvlm_hf import modeling_fastvithd
-    from fastvlm_hf.packed_linear import PackedLinear
-
-    with contextlib.ExitStack() as stack:
-        stack.enter_context(patched(modeling_fastvithd, "_onednn_can_fuse", lambda *args: False))
-        stack.enter_context(patched(modeling_fastvithd, "_convffn_chunk_pixels", lambda *args: None))
-        stack.enter_context(patched(modeling_fastvithd, "_STEM_BANDING_MIN_BYTES", float("inf")))
-        stack.enter_context(patched(PackedLinear, "forward", _dense_linear))
-        yield
-
-
 def count_flops(fn: Callable[[], Any]) -> tuple[int, Any]:
     """Floating-point operations of the matmuls, convolutions and attention `fn()` runs (a multiply-add is 2), and
-    its result."""
-    with _counted_paths(), FlopCounterMode(display=False, custom_mapping=_EXTRA_FLOP_FORMULAS) as counter:
+    its result.
+
+    The oneDNN kernels fastvlm_hf runs on CPU (FastViTHD's fused convolution + activation and its ConvFFN layers run
+    as linear ones, the packed linear layers of `pack_weights()`) bypass the dispatcher's Python modes, so
+    FlopCounterMode cannot see them: `fn()` runs with them off, and their plain paths, which do the same arithmetic,
+    are what gets counted. The stem runs on the whole map too: its bands recompute a few rows where they meet."""
+    from fastvlm_hf.cpu import fast_routes_off
+
+    with fast_routes_off(), FlopCounterMode(display=False, custom_mapping=_EXTRA_FLOP_FORMULAS) as counter:
         result = fn()
     return counter.get_total_flops(), result
 

@@ -44,6 +44,7 @@ from transformers import DynamicCache
 from fastvlm_hf import FastViTHDConfig, FastViTHDModel, FastVLMConfig, FastVLMForConditionalGeneration
 from fastvlm_hf import modeling_fastvithd as fastvithd
 from fastvlm_hf.compat import CACHE_NAME
+from fastvlm_hf.cpu import kernels
 
 PROMPT_TOKENS = 282  # 256 image tokens at 1024 px and predict.py's prompt in the chat template
 
@@ -73,18 +74,18 @@ def _layer_norm_by_formula(self, hidden_states):
 
 # Each lever: how to switch it off.
 LEVERS: dict[str, Callable[[], contextlib.AbstractContextManager]] = {
-    "convolution + activation as one oneDNN kernel": lambda: patched(fastvithd, "_onednn_can_fuse", _never),
+    "convolution + activation as one oneDNN kernel": lambda: patched(kernels, "_onednn_can_fuse", _never),
     "channels-last activations": lambda: patched(fastvithd, "ACTIVATION_MEMORY_FORMAT", torch.contiguous_format),
     "ConvFFN BatchNorm folded in eval": lambda: patched(fastvithd.FastViTHDConvNorm, "forward", _unfolded_conv_norm),
     "layer scale + residual in one op": lambda: patched(fastvithd.FastViTHDLayerScale, "forward", _unfused_layer_scale),
     "activations on the NHWC view": lambda: patched(fastvithd.FastViTHDActivation, "forward", _activation_on_the_tensor),
     "LayerNorm2d as F.layer_norm": lambda: patched(fastvithd.FastViTHDLayerNorm2d, "forward", _layer_norm_by_formula),
-    "downsampling convolutions as depthwise ones": lambda: patched(fastvithd, "_can_run_as_depthwise", _never),
-    "ConvFFN pointwise layers in pixel chunks": lambda: patched(fastvithd, "_CONVFFN_CHUNKING_MIN_BYTES", float("inf")),
+    "downsampling convolutions as depthwise ones": lambda: patched(kernels, "_can_run_as_depthwise", _never),
+    "ConvFFN pointwise layers in pixel chunks": lambda: patched(kernels, "_CONVFFN_CHUNKING_MIN_BYTES", float("inf")),
     "ConvFFN pointwise layers of small maps as linear layers": lambda: patched(
-        fastvithd, "_CONVFFN_LINEAR_MAX_PIXELS_PER_CHANNEL", 0
+        kernels, "_CONVFFN_LINEAR_MAX_PIXELS_PER_CHANNEL", 0
     ),
-    "stem in row bands": lambda: patched(fastvithd, "_STEM_BANDING_MIN_BYTES", float("inf")),
+    "stem in row bands": lambda: patched(kernels, "_STEM_BANDING_MIN_BYTES", float("inf")),
 }
 
 

@@ -1,5 +1,6 @@
 """Shared offline fixtures: a tiny byte-level BPE tokenizer trained in-process."""
 
+import collections
 import importlib.util
 import os
 
@@ -90,6 +91,27 @@ def randomize_non_parameter_state(model) -> None:
                 tensor.copy_(torch.rand(tensor.shape, generator=generator) + 0.5)
             elif name.endswith("gamma") or "bn.weight" in name or "norm.weight" in name:
                 tensor.copy_(torch.rand(tensor.shape, generator=generator) + 0.5)
+
+
+def count_calls(monkeypatch, owner, names) -> collections.Counter:
+    """Wraps each function `owner.<name>` of `names` so that its calls are counted, by name, in the returned Counter."""
+    calls = collections.Counter()
+    for name in names:
+
+        def counted(*args, _name=name, _function=getattr(owner, name), **kwargs):
+            calls[_name] += 1
+            return _function(*args, **kwargs)
+
+        monkeypatch.setattr(owner, name, counted)
+    return calls
+
+
+@pytest.fixture
+def onednn_calls(monkeypatch):
+    """The calls of torch's private oneDNN operators, the ones fastvlm_hf's CPU fast routes run, counted by name."""
+    import torch
+
+    return count_calls(monkeypatch, torch.ops.mkldnn, ["_convolution_pointwise", "_linear_pointwise"])
 
 
 @pytest.fixture(scope="session")

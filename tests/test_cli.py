@@ -16,8 +16,11 @@ from transformers import AutoModelForImageTextToText, AutoProcessor
 
 from fastvlm_hf import FastViTHDModel, FastVLMForConditionalGeneration, FastVLMModel
 from fastvlm_hf.chat import ChatSession
-from fastvlm_hf.cli import build_parser, describe_load_error, generation_kwargs, load_model, main
-from fastvlm_hf.packed_linear import PackedLinear
+from fastvlm_hf.cli import build_parser, main
+from fastvlm_hf.cli.loading import load_model
+from fastvlm_hf.cli.messages import describe_load_error
+from fastvlm_hf.cli.options import generation_kwargs
+from fastvlm_hf.cpu.packed_linear import PackedLinear
 
 PROMPT = "Describe the image."
 STATS_LABELS = ["preprocessing", "vision encoder", "prefill", "TTFT", "decode"]
@@ -441,3 +444,40 @@ def test_resolution_must_be_a_multiple_of_64(checkpoint, image_path, capsys, res
 def test_debug_shows_the_traceback(image_path, tmp_path):
     with pytest.raises(Exception, match="image not found"):
         main(predict_args(tmp_path, tmp_path / "missing.png", "--debug"))
+
+
+# --------------------------------------------------------------------------------------------------
+# Help
+
+MODEL_OPTIONS = ["--model", "--device", "--dtype", "--load-in-4bit", "--load-in-8bit", "--resolution", "--image-mode"]
+GENERATION_OPTIONS = ["--max-new-tokens", "--temperature", "--top-p", "--system-prompt"]
+
+
+def options_by_group(help_text):
+    """{section title: the options listed under it} of an argparse `--help` text."""
+    groups, current = {}, None
+    for line in help_text.splitlines():
+        if line.endswith(":") and not line.startswith(" "):
+            current = groups.setdefault(line[:-1], [])
+        elif current is not None and (option := re.match(r"  (-[\w-]+)", line)):
+            current.append(option[1])
+    return groups
+
+
+@pytest.mark.parametrize(
+    "command,expected",
+    [
+        ("predict", {"model options": MODEL_OPTIONS, "generation options": [*GENERATION_OPTIONS, "--num-beams"],
+                     "output options": ["--stats", "--json"]}),
+        ("chat", {"model options": MODEL_OPTIONS, "generation options": GENERATION_OPTIONS}),
+        ("bench", {"model options": MODEL_OPTIONS, "generation options": ["--max-new-tokens"]}),
+        ("convert", {"output options": ["--to", "--dtype", "--max-shard-size", "--push-to-hub"]}),
+    ],
+)  # fmt: skip
+def test_help_lists_model_generation_and_output_options_in_their_groups(capsys, command, expected):
+    with pytest.raises(SystemExit) as exit_info:
+        main([command, "--help"])
+    assert exit_info.value.code == 0
+    groups = options_by_group(capsys.readouterr().out)
+    assert {title: options for title, options in groups.items() if title.endswith(" options")} == expected
+    assert groups["options"][:2] == ["-h", "--debug"]

@@ -2,12 +2,15 @@
 
 import ast
 import re
+import runpy
+from pathlib import Path
 
 import pytest
 from huggingface_hub import ModelCard
 
 from fastvlm_hf import FastVLMConfig, model_card
 
+MODEL_CARDS = Path(__file__).resolve().parents[1] / "model_cards"
 RELEASED = {  # size: (text hidden size, Apple's repo, language model, parameters, DocVQA score)
     "0.5B": (896, "apple/FastVLM-0.5B", "Qwen2-0.5B", "622.7M", "82.5"),
     "1.5B": (1536, "apple/FastVLM-1.5B", "Qwen2-1.5B", "1,675.9M", "88.3"),
@@ -77,3 +80,12 @@ def test_the_citation_is_a_complete_bibtex_entry():
     assert entry is not None
     assert entry[1].count("{") == entry[1].count("}")
     assert "FastVLM: Efficient Vision Encoding for Vision Language Models" in entry[1] and "2412.13303" in entry[1]
+
+
+def test_the_committed_cards_of_apples_sizes_are_up_to_date():
+    rendered = runpy.run_path(str(MODEL_CARDS / "render.py"))["rendered_cards"]()
+    assert sorted(rendered) == [f"FastVLM-{size}.md" for size in RELEASED]
+    assert sorted(path.name for path in MODEL_CARDS.glob("*.md")) == sorted(rendered)
+    for name, card in rendered.items():
+        committed = (MODEL_CARDS / name).read_text(encoding="utf-8")
+        assert committed == card, f"model_cards/{name} is stale: run `python model_cards/render.py`"

@@ -5,10 +5,11 @@ import math
 
 import pytest
 import torch
-from conftest import TINY_VISION_CONFIG, randomize_non_parameter_state
+from conftest import TINY_VISION_CONFIG, count_calls, randomize_non_parameter_state
 from transformers import AutoConfig, AutoModel
 
-from fastvlm_hf import FastViTHDConfig, FastViTHDModel, modeling_fastvithd
+from fastvlm_hf import FastViTHDConfig, FastViTHDModel
+from fastvlm_hf.cpu import fast_routes_enabled, fast_routes_off, kernels
 from fastvlm_hf.modeling_fastvithd import (
     FastViTHDAttentionBlock,
     FastViTHDConvAct,
@@ -337,10 +338,10 @@ def chunking(request, monkeypatch):
     stage, 18, 9, 4 and 2 in the wider later ones; each map's last chunk shorter) and the stem in bands of 3 output
     rows (the first layer's output in 7-row bands for a batch of 2 at 128 px; the last band shorter)."""
     if request.param == "pixel chunks and row bands":
-        monkeypatch.setattr(modeling_fastvithd, "_CONVFFN_CHUNKING_MIN_BYTES", 0)
-        monkeypatch.setattr(modeling_fastvithd, "_CONVFFN_CHUNK_BYTES", 37 * 4 * 32)
-        monkeypatch.setattr(modeling_fastvithd, "_STEM_BANDING_MIN_BYTES", 0)
-        monkeypatch.setattr(modeling_fastvithd, "_STEM_BAND_BYTES", 7 * 2 * 8 * 64 * 4)
+        monkeypatch.setattr(kernels, "_CONVFFN_CHUNKING_MIN_BYTES", 0)
+        monkeypatch.setattr(kernels, "_CONVFFN_CHUNK_BYTES", 37 * 4 * 32)
+        monkeypatch.setattr(kernels, "_STEM_BANDING_MIN_BYTES", 0)
+        monkeypatch.setattr(kernels, "_STEM_BAND_BYTES", 7 * 2 * 8 * 64 * 4)
     return request.param
 
 
@@ -416,39 +417,59 @@ def test_inference_kernels_match_the_differentiable_path(eval_tower):
     mlp = eval_tower.stages[0].blocks[0].mlp
     first_stage_map = torch.empty(2, eval_tower.config.embed_dims[0], 64, 64)
     with torch.no_grad():
-        assert modeling_fastvithd._onednn_can_fuse(mlp.fc1, mlp.act, first_stage_map)
+        assert kernels._onednn_can_fuse(mlp.fc1, mlp.act, first_stage_map)
         fused = eval_tower(pixel_values).last_hidden_state
-    assert not modeling_fastvithd._onednn_can_fuse(mlp.fc1, mlp.act, first_stage_map)
+    assert not kernels._onednn_can_fuse(mlp.fc1, mlp.act, first_stage_map)
     plain = eval_tower(pixel_values).last_hidden_state
     assert plain.requires_grad
     assert relative_error(fused, plain.detach().double()) <= 1e-6
 
 
 @torch.no_grad()
+def test_one_switch_turns_every_fast_route_off(eval_tower, monkeypatch, onednn_calls):
+    monkeypatch.setattr(kernels, "_CONVFFN_CHUNKING_MIN_BYTES", 0)  # every ConvFFN over chunks of pixels
+    monkeypatch.setattr(kernels, "_STEM_BANDING_MIN_BYTES", 0)  # the stem over bands of rows
+    routes = count_calls(monkeypatch, kernels, ["_repeat_each_channel", "_stem_rows"])
+    pixel_values = torch.rand(2, 3, 256, 256, generator=torch.Generator().manual_seed(6))  # fused convolutions too
+    fast = eval_tower(pixel_values).last_hidden_state
+    assert set(routes) == {"_repeat_each_channel", "_stem_rows"}
+    assert set(onednn_calls) == {"_convolution_pointwise", "_linear_pointwise"}
+    routes.clear()
+    onednn_calls.clear()
+    with fast_routes_off():
+        plain = eval_tower(pixel_values).last_hidden_state
+    assert fast_routes_enabled()
+    assert not routes and not onednn_calls
+    with torch.enable_grad():  # the differentiable path: the blocks as written, no route
+        assert torch.equal(plain, eval_tower(pixel_values).last_hidden_state)
+    assert relative_error(fast, plain.double()) <= 1e-6
+
+
+@torch.no_grad()
 def test_convffn_runs_its_pointwise_layers_in_chunks_on_large_maps(config, monkeypatch):
     mlp = seeded(FastViTHDConvMlp(config, channels=8, hidden_channels=32))
     x = torch.randn(2, 8, 9, 9).contiguous(memory_format=torch.channels_last)
-    assert modeling_fastvithd._convffn_chunk_pixels(mlp, x) is None  # 20 KiB of hidden activations: all at once
-    monkeypatch.setattr(modeling_fastvithd, "_CONVFFN_CHUNKING_MIN_BYTES", 0)
-    monkeypatch.setattr(modeling_fastvithd, "_CONVFFN_CHUNK_BYTES", 37 * 4 * 32)
-    assert modeling_fastvithd._convffn_chunk_pixels(mlp, x) == 37  # 162 pixels: 4 chunks of 37, then 14
-    assert modeling_fastvithd._convffn_chunk_pixels(mlp, x.contiguous()) is None  # NCHW maps keep their layout
+    assert kernels._convffn_chunk_pixels(mlp.fc1, mlp.act, x) is None  # 20 KiB of hidden activations: all at once
+    monkeypatch.setattr(kernels, "_CONVFFN_CHUNKING_MIN_BYTES", 0)
+    monkeypatch.setattr(kernels, "_CONVFFN_CHUNK_BYTES", 37 * 4 * 32)
+    assert kernels._convffn_chunk_pixels(mlp.fc1, mlp.act, x) == 37  # 162 pixels: 4 chunks of 37, then 14
+    assert kernels._convffn_chunk_pixels(mlp.fc1, mlp.act, x.contiguous()) is None  # NCHW maps keep their layout
     chunked = mlp(x)
     expected = conv_mlp_by_hand(copy.deepcopy(mlp).double(), x.double())
     assert chunked.is_contiguous(memory_format=torch.channels_last)
     assert relative_error(chunked, expected) <= 1e-6
     assert relative_error(mlp.bfloat16()(x.bfloat16()), expected) <= 2e-2
     with torch.enable_grad():
-        assert modeling_fastvithd._convffn_chunk_pixels(mlp, x) is None  # training runs the modules
+        assert kernels._convffn_chunk_pixels(mlp.fc1, mlp.act, x) is None  # training runs the modules
 
 
 @torch.no_grad()
 def test_convffn_runs_its_pointwise_layers_as_linear_layers_on_maps_with_few_pixels(config):
     mlp = seeded(FastViTHDConvMlp(config, channels=8, hidden_channels=32))
     x = torch.randn(2, 8, 2, 2).contiguous(memory_format=torch.channels_last)  # 8 pixels, 8 channels
-    assert modeling_fastvithd._convffn_chunk_pixels(mlp, x) == 8  # one chunk: every pixel
+    assert kernels._convffn_chunk_pixels(mlp.fc1, mlp.act, x) == 8  # one chunk: every pixel
     nine_pixels = torch.randn(1, 8, 3, 3).contiguous(memory_format=torch.channels_last)
-    assert modeling_fastvithd._convffn_chunk_pixels(mlp, nine_pixels) is None  # more pixels than channels: convolutions
+    assert kernels._convffn_chunk_pixels(mlp.fc1, mlp.act, nine_pixels) is None  # more pixels than channels: convs
     expected = conv_mlp_by_hand(copy.deepcopy(mlp).double(), x.double())
     as_linear = mlp(x)
     assert as_linear.is_contiguous(memory_format=torch.channels_last)
@@ -462,9 +483,9 @@ def test_convffn_runs_its_pointwise_layers_as_linear_layers_on_maps_with_few_pix
 def test_stem_in_row_bands_matches_the_whole_map(eval_tower, monkeypatch, first_layer_band_rows, fused, dtype):
     # A 48×96 image: the first layer's output is 24 rows of 48 pixels of 8 channels, the stem's 12 rows.
     first_layer_row_bytes = 8 * 48 * dtype.itemsize
-    monkeypatch.setattr(modeling_fastvithd, "_STEM_BANDING_MIN_BYTES", 0)
-    monkeypatch.setattr(modeling_fastvithd, "_STEM_BAND_BYTES", first_layer_band_rows * first_layer_row_bytes)
-    monkeypatch.setattr(modeling_fastvithd, "_ONEDNN_FUSION_MIN_PIXELS", 0 if fused else math.inf)
+    monkeypatch.setattr(kernels, "_STEM_BANDING_MIN_BYTES", 0)
+    monkeypatch.setattr(kernels, "_STEM_BAND_BYTES", first_layer_band_rows * first_layer_row_bytes)
+    monkeypatch.setattr(kernels, "_ONEDNN_FUSION_MIN_PIXELS", 0 if fused else math.inf)
     pixel_values = torch.rand(1, 3, 48, 96, generator=torch.Generator().manual_seed(5))
     pixel_values = pixel_values.contiguous(memory_format=torch.channels_last).to(dtype)
     expected = pixel_values.double()
@@ -473,7 +494,7 @@ def test_stem_in_row_bands_matches_the_whole_map(eval_tower, monkeypatch, first_
             expected = conv_act_by_hand(layer, expected)
     stem = eval_tower.stem.to(dtype)
     with torch.no_grad():
-        assert stem._band_rows(pixel_values, [48, 24, 12]) == max(1, first_layer_band_rows // 2)
+        assert kernels._band_rows(stem, pixel_values, [48, 24, 12]) == max(1, first_layer_band_rows // 2)
         banded = stem(pixel_values)
     assert banded.shape == expected.shape
     assert banded.is_contiguous(memory_format=torch.channels_last)
@@ -481,16 +502,16 @@ def test_stem_in_row_bands_matches_the_whole_map(eval_tower, monkeypatch, first_
 
 
 def test_stem_runs_on_the_whole_map_with_autograd_or_nchw_input(eval_tower, monkeypatch):
-    monkeypatch.setattr(modeling_fastvithd, "_STEM_BANDING_MIN_BYTES", 0)
+    monkeypatch.setattr(kernels, "_STEM_BANDING_MIN_BYTES", 0)
     heights = [48, 24, 12]
     pixel_values = torch.rand(1, 3, 48, 48).contiguous(memory_format=torch.channels_last)
     with torch.no_grad():
-        assert eval_tower.stem._band_rows(pixel_values, heights) is not None
-        assert eval_tower.stem._band_rows(pixel_values.contiguous(), heights) is None  # NCHW
-    assert eval_tower.stem._band_rows(pixel_values, heights) is None  # autograd
-    monkeypatch.setattr(modeling_fastvithd, "_STEM_BANDING_MIN_BYTES", 2**20)
+        assert kernels._band_rows(eval_tower.stem, pixel_values, heights) is not None
+        assert kernels._band_rows(eval_tower.stem, pixel_values.contiguous(), heights) is None  # NCHW
+    assert kernels._band_rows(eval_tower.stem, pixel_values, heights) is None  # autograd
+    monkeypatch.setattr(kernels, "_STEM_BANDING_MIN_BYTES", 2**20)
     with torch.no_grad():
-        assert eval_tower.stem._band_rows(pixel_values, heights) is None  # a small first-layer map (18 KiB)
+        assert kernels._band_rows(eval_tower.stem, pixel_values, heights) is None  # a small first-layer map (18 KiB)
 
 
 @pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
@@ -502,17 +523,17 @@ def test_channel_multiplier_convolution_runs_as_depthwise_over_repeated_channels
         expected = conv_act_by_hand(copy.deepcopy(large).double(), x.double())  # grouped: 2 outputs per input channel
     large = large.to(dtype)
     with torch.no_grad():
-        assert modeling_fastvithd._can_run_as_depthwise(large.reparam_conv, x.to(dtype))
-        assert not modeling_fastvithd._can_run_as_depthwise(large.reparam_conv, x.to(dtype).contiguous())  # NCHW
+        assert kernels._can_run_as_depthwise(large.reparam_conv, x.to(dtype))
+        assert not kernels._can_run_as_depthwise(large.reparam_conv, x.to(dtype).contiguous())  # NCHW
         depthwise = large(x.to(dtype))
     assert depthwise.is_contiguous(memory_format=torch.channels_last)
     assert relative_error(depthwise, expected) <= (1e-6 if dtype == torch.float32 else 1e-2)
-    assert not modeling_fastvithd._can_run_as_depthwise(large.reparam_conv, x.to(dtype))  # with autograd: grouped
+    assert not kernels._can_run_as_depthwise(large.reparam_conv, x.to(dtype))  # with autograd: grouped
     assert relative_error(large(x.to(dtype)).detach(), expected) <= (1e-6 if dtype == torch.float32 else 1e-2)
 
 
 def test_repeat_each_channel_keeps_channel_order_and_layout():
     x = torch.arange(2 * 3 * 2 * 2, dtype=torch.float32).view(2, 3, 2, 2).contiguous(memory_format=torch.channels_last)
-    repeated = modeling_fastvithd._repeat_each_channel(x, 3)
+    repeated = kernels._repeat_each_channel(x, 3)
     assert torch.equal(repeated, x.repeat_interleave(3, dim=1))
     assert repeated.is_contiguous(memory_format=torch.channels_last)

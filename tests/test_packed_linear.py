@@ -9,7 +9,8 @@ from checkpoint_helpers import model_inputs
 from torch import nn
 
 from fastvlm_hf import FastVLMForConditionalGeneration, FastVLMModel
-from fastvlm_hf.packed_linear import PackedLinear, can_pack
+from fastvlm_hf.cpu import fast_routes_off
+from fastvlm_hf.cpu.packed_linear import PackedLinear, can_pack
 
 pytestmark = pytest.mark.skipif(
     not (torch.backends.mkldnn.is_available() and torch.ops.mkldnn._is_mkldnn_bf16_supported()),
@@ -43,6 +44,19 @@ def test_packed_layer_computes_the_linear_map(dtype, bias):
         actual = packed(contiguous)
         if dtype == torch.bfloat16:  # the same kernel as F.linear's, on the same weight: bit for bit
             assert torch.equal(actual, F.linear(contiguous, linear.weight, linear.bias))
+
+
+@torch.no_grad()
+def test_packed_layer_multiplies_by_the_plain_weight_with_the_fast_routes_off(onednn_calls):
+    torch.manual_seed(0)
+    linear = nn.Linear(96, 80)
+    packed = PackedLinear(linear)
+    inputs = torch.randn(3, 96)
+    packed(inputs)
+    assert onednn_calls == {"_linear_pointwise": 1}
+    with fast_routes_off():
+        assert torch.equal(packed(inputs), F.linear(inputs, linear.weight, linear.bias))
+    assert onednn_calls == {"_linear_pointwise": 1}
 
 
 @pytest.mark.parametrize("dtype", [torch.bfloat16, torch.float32])

@@ -3,7 +3,8 @@
 The card is `model_cards/template.md` (a Jinja template, as `huggingface_hub.ModelCard.from_template` reads them)
 filled in with Hub metadata and, for Apple's three released sizes, the facts in `model_cards/sizes.json`: the
 language model, the parameter count and Apple's evaluation table. The size is recognised by the width of the language
-model (`hidden_size` 896, 1536 or 3584); any other model gets a generic card without the evaluation table.
+model (`hidden_size` 896, 1536 or 3584); any other model gets a generic card without the evaluation table. The
+repository's top-level `model_cards/` holds the three sizes' cards as rendered here (`model_cards/render.py`).
 """
 
 from __future__ import annotations

@@ -1,7 +1,8 @@
 """FastViTHD, the image encoder of FastVLM, in the re-parameterised (inference) form of Apple's weights.
 
 Module names follow timm's FastViT (`stem`, `stages.N.downsample`, `stages.N.pos_emb`, `stages.N.blocks.M`,
-`token_mixer`, `mlp`, `final_conv`, `se`) so that foreign checkpoints map with one rename table each.
+`token_mixer`, `mlp`, `final_conv`, `se`) so that foreign checkpoints map with one rename table each. At inference on
+a CPU, some blocks reach the same result by a faster route of `fastvlm_hf.cpu.kernels`.
 """
 
 from __future__ import annotations
@@ -16,14 +17,11 @@ from transformers.modeling_outputs import BaseModelOutputWithPoolingAndNoAttenti
 
 from .compat import weight_init
 from .configuration_fastvithd import FastViTHDConfig
+from .cpu import kernels
 
 # Layout of the activations inside the encoder. Channels last, the pointwise convolutions (most of the work) run 2–3×
 # faster on CPU and the attention stages read their tokens without a copy (benchmarks/README.md, "Levers").
 ACTIVATION_MEMORY_FORMAT = torch.channels_last
-
-
-# Activations oneDNN can apply inside a convolution: config name -> (post-op, algorithm).
-_ONEDNN_POST_OPS = {"gelu": ("gelu", "none"), "relu": ("relu", None)}
 
 
 class FastViTHDActivation(nn.Module):
@@ -35,106 +33,11 @@ class FastViTHDActivation(nn.Module):
 
     def __init__(self, hidden_act: str):
         super().__init__()
+        self.hidden_act = hidden_act
         self.fn = ACT2FN[hidden_act]
-        self.onednn_post_op = _ONEDNN_POST_OPS.get(hidden_act)
 
     def forward(self, hidden_states: torch.Tensor) -> torch.Tensor:
         return self.fn(hidden_states.permute(0, 2, 3, 1)).permute(0, 3, 1, 2)
-
-
-_HAS_ONEDNN_FUSED_CONVOLUTION = torch.backends.mkldnn.is_available() and hasattr(
-    torch.ops.mkldnn, "_convolution_pointwise"
-)
-_HAS_ONEDNN_FUSED_LINEAR = torch.backends.mkldnn.is_available() and hasattr(torch.ops.mkldnn, "_linear_pointwise")
-# The fused kernel repacks its weights on every call: it pays off on large maps (the first stages, 2× on CPU there),
-# not on the small maps of the last stages, whose weights are large.
-_ONEDNN_FUSION_MIN_PIXELS = 64 * 64
-# A ConvFFN whose hidden map is larger than this runs its pointwise layers a few thousand pixels at a time, each chunk's
-# hidden activations about `_CONVFFN_CHUNK_BYTES`, so the large hidden map is never allocated: glibc serves allocations
-# over 32 MiB with fresh pages, page faults on every call (about 13 ms per 50 MiB on the benchmark machine).
-_CONVFFN_CHUNKING_MIN_BYTES = 32 * 2**20
-_CONVFFN_CHUNK_BYTES = 3 * 2**20
-# A ConvFFN on a map with at most this many pixels per input channel runs its pointwise layers as linear layers over
-# all pixels at once: there the convolution kernels spend much of their time on their large weights (last stage at
-# 1024 px: 1.5× faster in bfloat16, 2× in float32). With 1.3 and 3 pixels per channel, the convolutions were 4 % and
-# 10 % faster in bfloat16.
-_CONVFFN_LINEAR_MAX_PIXELS_PER_CHANNEL = 1
-# Most bytes of input a strided convolution with a channel multiplier may duplicate to run as a depthwise one.
-_DEPTHWISE_DUPLICATE_MAX_BYTES = 32 * 2**20
-# A stem whose first layer would output more than this runs over bands of rows, each band's first-layer output about
-# `_STEM_BAND_BYTES`: the full-size map of that layer (50 MiB in bfloat16 at 1024 px) is never allocated (the page
-# faults above; at 1024 px the stem took 16 instead of 34 ms in bfloat16). Bands of 4 and 16 MiB were slower.
-_STEM_BANDING_MIN_BYTES = 32 * 2**20
-_STEM_BAND_BYTES = 8 * 2**20
-
-
-def _cpu_inference(hidden_states: torch.Tensor, weight: torch.Tensor) -> bool:
-    """Whether a forward pass may take the CPU inference kernels: no autograd, no compiler, float32 or bfloat16 on the
-    CPU, weights present (accelerate keeps offloaded weights on the meta device until their module runs)."""
-    return (
-        torch.backends.mkldnn.enabled
-        and not torch.compiler.is_compiling()  # the compiler fuses by itself
-        and not torch.is_grad_enabled()  # the fused kernels have no backward
-        and hidden_states.device.type == "cpu"
-        and hidden_states.dtype in (torch.float32, torch.bfloat16)
-        and weight.device.type == "cpu"
-    )
-
-
-def _onednn_can_fuse(conv: nn.Conv2d, activation: FastViTHDActivation, hidden_states: torch.Tensor) -> bool:
-    return (
-        _HAS_ONEDNN_FUSED_CONVOLUTION
-        and activation.onednn_post_op is not None
-        and hidden_states.shape[-2] * hidden_states.shape[-1] >= _ONEDNN_FUSION_MIN_PIXELS
-        and conv.padding_mode == "zeros"
-        and _cpu_inference(hidden_states, conv.weight)
-    )
-
-
-def _can_run_as_depthwise(conv: nn.Conv2d, hidden_states: torch.Tensor) -> bool:
-    """Whether `conv` (one input channel per group, several outputs each) should run as a depthwise convolution over
-    its input with every channel repeated: oneDNN's depthwise kernels are 2–3× faster than its grouped ones."""
-    multiplier = conv.out_channels // conv.in_channels
-    return (
-        conv.groups == conv.in_channels
-        and multiplier > 1
-        and conv.padding_mode == "zeros"
-        and hidden_states.is_contiguous(memory_format=torch.channels_last)
-        and hidden_states.numel() * multiplier * hidden_states.element_size() <= _DEPTHWISE_DUPLICATE_MAX_BYTES
-        and _cpu_inference(hidden_states, conv.weight)
-    )
-
-
-def _repeat_each_channel(hidden_states: torch.Tensor, repeats: int) -> torch.Tensor:
-    """Channels-last (B, C, H, W) -> channels-last (B, C·repeats, H, W); channel c at c·repeats … (c+1)·repeats − 1."""
-    batch_size, channels, height, width = hidden_states.shape
-    pixels = hidden_states.permute(0, 2, 3, 1)
-    # stacking copies in long runs, where a reshape of an expanded view copies two elements at a time (3× slower)
-    repeated = torch.stack([pixels] * repeats, dim=-1)
-    return repeated.view(batch_size, height, width, channels * repeats).permute(0, 3, 1, 2)
-
-
-def convolve_and_activate(
-    conv: nn.Conv2d,
-    activation: FastViTHDActivation,
-    hidden_states: torch.Tensor,
-    groups: int | None = None,
-    padding: tuple[int, int] | None = None,
-) -> torch.Tensor:
-    """`activation(conv(hidden_states))`, with `groups` and `padding` in place of the convolution's own where given.
-    At inference on CPU, one oneDNN convolution with the activation applied to its accumulators (the kernel
-    torch.compile uses): no second pass over, and no second copy of, the output map; 1.5–2× faster for the wide maps of
-    the first stages."""
-    groups = conv.groups if groups is None else groups
-    padding = conv.padding if padding is None else padding
-    if not _onednn_can_fuse(conv, activation, hidden_states):
-        if groups == conv.groups and padding == conv.padding:
-            return activation(conv(hidden_states))
-        return activation(F.conv2d(hidden_states, conv.weight, conv.bias, conv.stride, padding, conv.dilation, groups))
-    post_op, algorithm = activation.onednn_post_op
-    return torch.ops.mkldnn._convolution_pointwise(
-        hidden_states, conv.weight, conv.bias, padding, conv.stride, conv.dilation, groups, post_op, [], algorithm
-    )
 
 
 class FastViTHDSqueezeExcite(nn.Module):
@@ -172,70 +75,19 @@ class FastViTHDConvAct(nn.Module):
         self.act = FastViTHDActivation(hidden_act)
 
     def forward(self, hidden_states: torch.Tensor) -> torch.Tensor:
-        conv = self.reparam_conv
-        if not isinstance(self.se, nn.Identity):
-            return self.act(self.se(conv(hidden_states)))
-        if _can_run_as_depthwise(conv, hidden_states):
-            repeated = _repeat_each_channel(hidden_states, conv.out_channels // conv.in_channels)
-            return convolve_and_activate(conv, self.act, repeated, groups=conv.out_channels)
-        return convolve_and_activate(conv, self.act, hidden_states)
-
-
-def _output_length(conv: nn.Conv2d, length: int, dim: int) -> int:
-    """The output height (`dim=0`) or width (`dim=1`) of `conv` on an input `length` pixels high or wide."""
-    return (length + 2 * conv.padding[dim] - conv.kernel_size[dim]) // conv.stride[dim] + 1
+        no_se = isinstance(self.se, nn.Identity)
+        if no_se and (fast := kernels.conv_act(self.reparam_conv, self.act, hidden_states)) is not None:
+            return fast
+        return self.act(self.se(self.reparam_conv(hidden_states)))
 
 
 class FastViTHDStem(nn.Sequential):
-    """Three convolution + activation layers, no squeeze-excite: 3×3 stride 2, 3×3 depthwise stride 2, 1×1.
-
-    At CPU inference on large images, it runs over bands of output rows, each computed from the rows of the image it
-    needs, so that the first layer's full-size output is never allocated (see `_STEM_BANDING_MIN_BYTES`).
-    """
+    """Three convolution + activation layers, no squeeze-excite: 3×3 stride 2, 3×3 depthwise stride 2, 1×1."""
 
     def forward(self, pixel_values: torch.Tensor) -> torch.Tensor:
-        heights = [pixel_values.shape[2]]
-        for layer in self:
-            heights.append(_output_length(layer.reparam_conv, heights[-1], dim=0))
-        band_rows = self._band_rows(pixel_values, heights)
-        if band_rows is None:
-            return super().forward(pixel_values)
-        bands = []
-        for start in range(0, heights[-1], band_rows):
-            bands.append(self._rows(pixel_values, heights, start, min(start + band_rows, heights[-1])))
-        return torch.cat(bands, dim=2)
-
-    def _band_rows(self, pixel_values: torch.Tensor, heights: list[int]) -> int | None:
-        """Output rows per band, or None to run the layers on the whole map."""
-        first = self[0].reparam_conv
-        if not (
-            pixel_values.is_contiguous(memory_format=torch.channels_last)
-            and _cpu_inference(pixel_values, first.weight)
-        ):
-            return None
-        first_width = _output_length(first, pixel_values.shape[3], dim=1)
-        first_row_bytes = pixel_values.shape[0] * first.out_channels * first_width * pixel_values.element_size()
-        if first_row_bytes * heights[1] <= _STEM_BANDING_MIN_BYTES:
-            return None
-        return max(1, heights[-1] * (_STEM_BAND_BYTES // first_row_bytes) // heights[1])
-
-    def _rows(self, pixel_values: torch.Tensor, heights: list[int], start: int, stop: int) -> torch.Tensor:
-        """Rows `start` to `stop` of the stem's output. Working back from them, each layer computes only the rows the
-        next one reads, its vertical zero padding added to the band only where the band meets the map's edge."""
-        spans = [(start, stop, 0, 0)]  # per layer input: rows read, and zero rows above and below them
-        for layer, height in zip(reversed(self), reversed(heights[:-1])):
-            conv = layer.reparam_conv
-            first = spans[0][0] * conv.stride[0] - conv.padding[0]
-            last = (spans[0][1] - 1) * conv.stride[0] - conv.padding[0] + conv.kernel_size[0]
-            spans.insert(0, (max(first, 0), min(last, height), max(-first, 0), max(last - height, 0)))
-        hidden_states = pixel_values[:, :, spans[0][0] : spans[0][1]]
-        for layer, (_, _, above, below) in zip(self, spans):
-            hidden_states = hidden_states.contiguous(memory_format=torch.channels_last)
-            if above or below:
-                hidden_states = F.pad(hidden_states, (0, 0, above, below))
-            conv = layer.reparam_conv
-            hidden_states = convolve_and_activate(conv, layer.act, hidden_states, padding=(0, conv.padding[1]))
-        return hidden_states
+        if (fast := kernels.stem_in_row_bands(self, pixel_values)) is not None:
+            return fast
+        return super().forward(pixel_values)
 
 
 class FastViTHDReparamDepthwiseConv(nn.Module):
@@ -298,45 +150,9 @@ class FastViTHDConvMlp(nn.Module):
 
     def forward(self, hidden_states: torch.Tensor) -> torch.Tensor:
         hidden_states = self.conv(hidden_states)
-        chunk_pixels = _convffn_chunk_pixels(self, hidden_states)
-        if chunk_pixels is None:
-            return self.fc2(convolve_and_activate(self.fc1, self.act, hidden_states))
-        return self._pointwise_layers_as_linear(hidden_states, chunk_pixels)
-
-    def _pointwise_layers_as_linear(self, hidden_states: torch.Tensor, chunk_pixels: int) -> torch.Tensor:
-        """fc1 → activation → fc2 as oneDNN linear layers over the pixels of a channels-last map, `chunk_pixels` at a
-        time (pointwise layers: each pixel on its own)."""
-        channels = hidden_states.shape[1]
-        pixels = hidden_states.permute(0, 2, 3, 1).view(-1, channels)
-        output = torch.empty_like(hidden_states, memory_format=torch.channels_last)
-        output_pixels = output.permute(0, 2, 3, 1).view(-1, channels)
-        fc1_weight, fc2_weight = self.fc1.weight.flatten(1), self.fc2.weight.flatten(1)
-        post_op, algorithm = self.act.onednn_post_op
-        linear = torch.ops.mkldnn._linear_pointwise
-        for start in range(0, pixels.shape[0], chunk_pixels):
-            chunk = slice(start, start + chunk_pixels)
-            hidden = linear(pixels[chunk], fc1_weight, self.fc1.bias, post_op, [], algorithm)
-            output_pixels[chunk] = linear(hidden, fc2_weight, self.fc2.bias, "none", [], "")
-        return output
-
-
-def _convffn_chunk_pixels(mlp: FastViTHDConvMlp, hidden_states: torch.Tensor) -> int | None:
-    """How many pixels at a time `mlp` runs its pointwise layers as linear layers on `hidden_states`; None: as
-    convolution modules, over the whole map."""
-    if (
-        not _HAS_ONEDNN_FUSED_LINEAR
-        or mlp.act.onednn_post_op is None
-        or not hidden_states.is_contiguous(memory_format=torch.channels_last)
-        or not _cpu_inference(hidden_states, mlp.fc1.weight)
-    ):
-        return None
-    pixels = hidden_states.shape[0] * hidden_states.shape[2] * hidden_states.shape[3]
-    bytes_per_pixel = mlp.fc1.out_channels * hidden_states.element_size()
-    if pixels * bytes_per_pixel > _CONVFFN_CHUNKING_MIN_BYTES:
-        return max(1, _CONVFFN_CHUNK_BYTES // bytes_per_pixel)
-    if pixels <= _CONVFFN_LINEAR_MAX_PIXELS_PER_CHANNEL * mlp.fc1.in_channels:
-        return pixels
-    return None
+        if (fast := kernels.pointwise_layers(self.fc1, self.act, self.fc2, hidden_states)) is not None:
+            return fast
+        return self.fc2(self.act(self.fc1(hidden_states)))
 
 
 class FastViTHDLayerScale(nn.Module):

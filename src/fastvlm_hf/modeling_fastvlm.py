@@ -24,8 +24,8 @@ from .compat import (
     weight_init,
 )
 from .configuration_fastvlm import FastVLMConfig
+from .cpu.packed_linear import pack_linear_layers, unpack_linear_layers
 from .modeling_fastvithd import FastViTHDModel
-from .packed_linear import pack_linear_layers, unpack_linear_layers
 
 # The output head shares the input embedding when `text_config.tie_word_embeddings` is set.
 TIED_WEIGHTS = {"lm_head.weight": "model.language_model.embed_tokens.weight"}

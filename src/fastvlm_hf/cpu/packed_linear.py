@@ -4,12 +4,16 @@ A plain `nn.Linear` in bfloat16 or float32 on CPU pays that reorder on every cal
 it costs as much as the product itself. A `PackedLinear` holds the reordered weight instead of the plain one, and
 gives the same results (bit for bit in bfloat16 on contiguous inputs, to rounding in float32). It is for inference:
 it has no gradient, and it does not move between devices or dtypes (`unpack_linear_layers` gives back `nn.Linear`s).
+Inside `fastvlm_hf.cpu.fast_routes_off()` it multiplies by the plain weight instead.
 """
 
 from __future__ import annotations
 
 import torch
+import torch.nn.functional as F
 from torch import nn
+
+from . import fast_routes_enabled
 
 PACKABLE_DTYPES = (torch.float32, torch.bfloat16)
 # The kernels choose their blocked layout for an expected number of input rows; one row is a decoding step's.
@@ -52,6 +56,8 @@ class PackedLinear(nn.Module):
         bias_needs_grad = self.bias is not None and self.bias.requires_grad
         if torch.is_grad_enabled() and (hidden_states.requires_grad or bias_needs_grad):
             raise RuntimeError("packed linear layers have no gradient: call `unpack_weights()` before training")
+        if not fast_routes_enabled():
+            return F.linear(hidden_states, self.packed_weight.to_dense(), self.bias)
         return torch.ops.mkldnn._linear_pointwise(hidden_states, self.packed_weight, self.bias, "none", [], "")
 
     def unpack(self) -> nn.Linear:

@@ -1,0 +1,69 @@
+"""``fastvlm-hf convert``: rewrite a checkpoint of any FastVLM layout into this package's or transformers' native one,
+with a model card; optionally verify it and push it to the Hub (see ``fastvlm_hf.conversion``)."""
+
+from __future__ import annotations
+
+import argparse
+
+from .messages import CLIError, first_line, status
+from .options import add_command, add_output_options
+
+
+def add_parser(commands) -> None:
+    parser = add_command(
+        commands,
+        "convert",
+        run,
+        help="convert a checkpoint between FastVLM layouts",
+        description="Rewrite a FastVLM checkpoint (Apple's, this package's or transformers' native layout) into "
+        "this package's layout or transformers' native one, with sharded safetensors and a model card (README.md).",
+    )
+    parser.add_argument("source", help="Hub repo id or local folder, in any FastVLM layout")
+    parser.add_argument("output", help="folder to write")
+    parser.add_argument(
+        "--verify",
+        action="store_true",
+        help="reload the result and fail unless its float32 logits match the source's",
+    )
+    output = add_output_options(parser)
+    output.add_argument(
+        "--to",
+        choices=["fastvlm", "transformers"],
+        default="fastvlm",
+        help="fastvlm: this package's layout; transformers: transformers' native fast_vlm (needs transformers 5) "
+        "(default: fastvlm)",
+    )
+    output.add_argument(
+        "--dtype",
+        choices=["auto", "bfloat16", "float16", "float32"],
+        default="auto",
+        help="dtype of the written weights; auto keeps the source's (default: auto)",
+    )
+    output.add_argument("--max-shard-size", default="5GB", metavar="SIZE", help="largest weights file (default: 5GB)")
+    output.add_argument(
+        "--push-to-hub",
+        metavar="REPO",
+        help="upload the result to this Hub model repo, created if missing (needs a write token)",
+    )
+
+
+def run(args: argparse.Namespace) -> int:
+    """Convert, then verify, then push: each step only once the one before it succeeded."""
+    from .. import conversion
+
+    try:
+        conversion.convert(args.source, args.output, to=args.to, dtype=args.dtype,
+                           max_shard_size=args.max_shard_size, repo_id=args.push_to_hub)  # fmt: skip
+        status(f"Wrote {args.output} ({args.to} layout).")
+        if args.verify:
+            status(f"Verified: float32 logits agree to {conversion.verify(args.source, args.output):.3g}.")
+    except conversion.ConversionError as error:
+        raise CLIError(str(error)) from error
+    except (OSError, ValueError) as error:  # a source that cannot be found or does not fit FastVLM
+        raise CLIError(f"cannot convert {args.source!r}: {first_line(error)}") from error
+    if args.push_to_hub:
+        try:
+            status(f"Pushed to {conversion.push_to_hub(args.output, args.push_to_hub)}.")
+        except OSError as error:  # the Hub's HTTP errors, a missing token
+            raise CLIError(f"cannot push {args.output} to {args.push_to_hub!r}: {first_line(error)}") from error
+    return 0
