@@ -7,7 +7,7 @@ from typing import Any
 from torch import nn
 from torch.nn.modules.batchnorm import _BatchNorm
 
-from ..packed_linear import PackedLinear
+from ..cpu.packed_linear import PackedLinear
 
 PROJECTOR = "multi_modal_projector"
 VISION_TOWER = "vision_tower"
