@@ -22,7 +22,6 @@ import subprocess
 import sys
 import tempfile
 import time
-from pathlib import Path
 
 import _torchvision_shim  # noqa: F401  (first: before anything imports torchvision)
 import torch
@@ -40,6 +39,7 @@ from common import (
     machine_line,
     markdown_table,
     peak_memory_bytes,
+    process_status_bytes,
     reset_peak_memory,
     synchronize,
     write_results,
@@ -121,7 +121,7 @@ def run_one(args: argparse.Namespace) -> dict:
     model.get_base_model().model.vision_tower.eval()  # frozen: its BatchNorm keeps the checkpoint's statistics
     optimizer = torch.optim.AdamW([p for p in model.parameters() if p.requires_grad], lr=1e-4)
     inputs = batch(config, args.batch_size, dtype, args.device, args.seed)
-    model_bytes = peak_memory_bytes(args.device) if args.device == "cuda" else _resident_bytes()
+    model_bytes = peak_memory_bytes(args.device) if args.device == "cuda" else process_status_bytes("VmRSS")
     reset_peak_memory(args.device)
 
     def step() -> float:
@@ -148,14 +148,6 @@ def run_one(args: argparse.Namespace) -> dict:
         "losses": losses,
         "trainable_parameters": sum(p.numel() for p in model.parameters() if p.requires_grad),
     }
-
-
-def _resident_bytes() -> int | None:
-    try:
-        with open("/proc/self/status", encoding="utf-8") as status:
-            return next(int(line.split()[1]) * 1024 for line in status if line.startswith("VmRSS:"))
-    except (OSError, StopIteration):
-        return None
 
 
 def main() -> None:

@@ -7,31 +7,22 @@ import subprocess
 import sys
 
 import pytest
-from conftest import TINY_VISION_CONFIG, tiny_text_config
 from PIL import Image
+from training_helpers import COLOURS, build_trainable_model, user
 
-from fastvlm_hf import FastVLMConfig, FastVLMForConditionalGeneration
 from fastvlm_hf.cli import main
 
 pytest.importorskip("peft")
 pytest.importorskip("trl")
 
-COLOURS = {"red": (220, 30, 30), "green": (30, 200, 30), "blue": (30, 30, 220), "yellow": (230, 220, 20)}
 COMMAND = [sys.executable, "-m", "fastvlm_hf.cli"]
 ENV = {**os.environ, "HF_HUB_OFFLINE": "1"}
 
 
 @pytest.fixture(scope="module")
 def base(tiny_tokenizer, tiny_processor, tmp_path_factory):
-    config = FastVLMConfig(
-        vision_config=TINY_VISION_CONFIG,
-        text_config={**tiny_text_config(len(tiny_tokenizer)), "initializer_range": 0.2},
-        image_token_id=tiny_tokenizer.convert_tokens_to_ids("<image>"),
-        eos_token_id=tiny_tokenizer.eos_token_id,
-        pad_token_id=tiny_tokenizer.pad_token_id,
-    )
     path = tmp_path_factory.mktemp("base")
-    FastVLMForConditionalGeneration(config).save_pretrained(path)
+    build_trainable_model(tiny_tokenizer).save_pretrained(path)
     tiny_processor.save_pretrained(path)
     return path
 
@@ -43,10 +34,7 @@ def data(tmp_path_factory):
     lines = []
     for colour, rgb in COLOURS.items():
         Image.new("RGB", (96, 128), rgb).save(folder / f"{colour}.png")
-        messages = [
-            {"role": "user", "content": [{"type": "image"}, {"type": "text", "text": "Describe the image."}]},
-            {"role": "assistant", "content": f"A {colour} rectangle."},
-        ]
+        messages = [user("Describe the image.", images=1), {"role": "assistant", "content": f"A {colour} rectangle."}]
         lines.append(json.dumps({"images": [f"{colour}.png"], "messages": messages}))
     (folder / "train.jsonl").write_text("\n".join(lines) + "\n")
     return folder / "train.jsonl"
@@ -59,7 +47,8 @@ def finetune_args(base, data, output, *extra):
 
 def test_finetune_end_to_end_then_predict_and_convert_its_output(base, data, tmp_path):
     output = tmp_path / "run"
-    argv = finetune_args(base, data, output, "--max-steps", "4", "--save-steps", "2", "--eval-data", str(data), "--merge")
+    argv = finetune_args(base, data, output, "--max-steps", "4", "--save-steps", "2", "--eval-data", str(data))
+    argv.append("--merge")
     result = subprocess.run(COMMAND + argv, capture_output=True, text=True, timeout=600, env=ENV)
     assert result.returncode == 0, result.stderr[-3000:]
     log = result.stdout + result.stderr

@@ -6,11 +6,14 @@ import re
 
 import pytest
 import torch
-from conftest import TINY_VISION_CONFIG, tiny_text_config
+from conftest import TINY_VISION_CONFIG
 from PIL import Image
 from transformers import AutoModelForImageTextToText, BitsAndBytesConfig
 
-from fastvlm_hf import FastVLMConfig, FastVLMForConditionalGeneration, conversion
+from training_helpers import COLOURS, assistant, build_trainable_model, user
+
+from fastvlm_hf import FastVLMForConditionalGeneration, conversion
+from fastvlm_hf.compat import checkpointing_arguments
 from fastvlm_hf.training import (
     IGNORE_INDEX,
     DataError,
@@ -29,18 +32,6 @@ trl = pytest.importorskip("trl")
 
 IMAGE_SIDE = TINY_VISION_CONFIG["image_size"]
 IMAGE_TOKENS = (IMAGE_SIDE // 64) ** 2
-# Weights drawn wide enough that the tiny model can be confident: with the default 0.02 its logits stay near zero
-# whatever LoRA learns, and the loss near log(vocabulary size).
-TRAINABLE_TEXT = {"initializer_range": 0.2}
-COLOURS = {"red": (220, 30, 30), "green": (30, 200, 30), "blue": (30, 30, 220), "yellow": (230, 220, 20)}
-
-
-def user(text, images=0):
-    return {"role": "user", "content": [{"type": "image"}] * images + [{"type": "text", "text": text}]}
-
-
-def assistant(text):
-    return {"role": "assistant", "content": [{"type": "text", "text": text}]}
 
 
 def square(colour):
@@ -50,21 +41,9 @@ def square(colour):
 def colour_rows():
     """Four examples a model can only answer by looking at the image."""
     return [
-        {"images": [square(colour)], "messages": [user("Describe the image.", images=1), assistant(f"A {colour} square.")]}
+        {"images": [square(colour)], "messages": [user("Describe the image.", 1), assistant(f"A {colour} square.")]}
         for colour in COLOURS
     ]
-
-
-def build_model(tokenizer, seed=0, **text_overrides):
-    config = FastVLMConfig(
-        vision_config=TINY_VISION_CONFIG,
-        text_config={**tiny_text_config(len(tokenizer)), **TRAINABLE_TEXT, **text_overrides},
-        image_token_id=tokenizer.convert_tokens_to_ids("<image>"),
-        eos_token_id=tokenizer.eos_token_id,
-        pad_token_id=tokenizer.pad_token_id,
-    )
-    torch.manual_seed(seed)
-    return FastVLMForConditionalGeneration(config)
 
 
 def sft_args(output_dir, steps, **overrides):
@@ -79,7 +58,7 @@ def sft_args(output_dir, steps, **overrides):
         "report_to": [],
         "use_cpu": True,
         "disable_tqdm": True,
-        "gradient_checkpointing": False,
+        **checkpointing_arguments(False),
         "seed": 0,
         "bf16": False,  # float32 throughout: the comparisons below are to 1e-5
     }
@@ -153,7 +132,7 @@ def test_a_batch_mixes_image_counts_including_none(tiny_processor, tiny_tokenize
 
 
 def test_max_length_truncates_text_but_never_image_tokens(tiny_processor):
-    row = {"images": [square("red")], "messages": [user("Describe the image.", images=1), assistant("A red square. " * 8)]}
+    row = {"images": [square("red")], "messages": [user("Describe the image.", 1), assistant("A red square. " * 8)]}
     full = FastVLMDataCollator(tiny_processor).encode(row)
     first_answer_token = full.labels.index(next(label for label in full.labels if label != IGNORE_INDEX))
     truncated = FastVLMDataCollator(tiny_processor, max_length=first_answer_token + 3).encode(row)
@@ -170,13 +149,12 @@ def test_max_length_truncates_text_but_never_image_tokens(tiny_processor):
 @pytest.fixture(scope="module")
 def trained(tiny_processor, tiny_tokenizer, tmp_path_factory):
     """30 LoRA steps with TRL's SFTTrainer on the four colour rows, as a user runs them."""
-    model = build_model(tiny_tokenizer)
+    model = build_trainable_model(tiny_tokenizer)
     prepare_model_for_training(model)
     vision_before = {k: v.clone() for k, v in model.model.vision_tower.state_dict().items()}
     output = tmp_path_factory.mktemp("lora")
-    trainer = sft_trainer(
-        model, tiny_processor, colour_rows(), sft_args(output, steps=30), peft_config=lora_config(model, lora_dropout=0.0)
-    )
+    peft_config = lora_config(model, lora_dropout=0.0)
+    trainer = sft_trainer(model, tiny_processor, colour_rows(), sft_args(output, steps=30), peft_config=peft_config)
     trainer.train()
     losses = [entry["loss"] for entry in trainer.state.log_history if "loss" in entry]
     trainer.model.eval()
@@ -217,7 +195,7 @@ def test_adapter_saves_and_reloads_to_identical_logits(trained, tiny_processor, 
     assert (tmp_path / "adapter" / "adapter_model.safetensors").exists()
     assert json.loads((tmp_path / "adapter" / "adapter_config.json").read_text())["r"] == 16
 
-    reloaded = peft.PeftModel.from_pretrained(build_model(tiny_tokenizer), tmp_path / "adapter").eval()
+    reloaded = peft.PeftModel.from_pretrained(build_trainable_model(tiny_tokenizer), tmp_path / "adapter").eval()
     inputs = _inputs(tiny_processor, colour_rows())
     with torch.no_grad():
         assert torch.equal(reloaded(**inputs).logits, model(**inputs).logits)
@@ -230,7 +208,7 @@ def test_merged_model_equals_the_adapter_model_and_saves_loads_and_converts(trai
         adapter_logits = model(**inputs).logits
     model.save_pretrained(tmp_path / "adapter")
     base = tmp_path / "base"
-    build_model(tiny_processor.tokenizer).save_pretrained(base)
+    build_trainable_model(tiny_processor.tokenizer).save_pretrained(base)
     tiny_processor.save_pretrained(base)
 
     merged = merge_adapter(base, tmp_path / "adapter", dtype=torch.float32).eval()
@@ -256,7 +234,7 @@ def test_merged_model_equals_the_adapter_model_and_saves_loads_and_converts(trai
 
 
 def test_the_projector_trains_in_full_or_with_lora_by_option(tiny_tokenizer):
-    model = build_model(tiny_tokenizer)
+    model = build_trainable_model(tiny_tokenizer)
     assert lora_config(model).modules_to_save is None
     assert lora_config(model, projector="full").modules_to_save == ["multi_modal_projector"]
     assert lora_config(model, train_vision_tower=True).modules_to_save == ["vision_tower"]
@@ -271,7 +249,7 @@ def test_the_projector_trains_in_full_or_with_lora_by_option(tiny_tokenizer):
 
 
 def test_packed_weights_cannot_be_trained(tiny_tokenizer):
-    model = build_model(tiny_tokenizer).eval()
+    model = build_trainable_model(tiny_tokenizer).eval()
     model.pack_weights()
     for call in (lora_target_modules, lora_config, prepare_model_for_training):
         with pytest.raises(ValueError, match=r"unpack_weights\(\)"):
@@ -292,12 +270,14 @@ def _gradients(model, batch):
 
 @pytest.mark.parametrize("use_reentrant", [False, True])
 def test_gradient_checkpointing_gives_the_same_gradients(tiny_processor, tiny_tokenizer, use_reentrant):
-    model = build_model(tiny_tokenizer).train()
+    model = build_trainable_model(tiny_tokenizer).train()
     prepare_model_for_training(model)
     batch = FastVLMDataCollator(tiny_processor)(colour_rows()[:2])
     plain = _gradients(model, batch)
 
-    model.gradient_checkpointing_enable(gradient_checkpointing_kwargs={"use_reentrant": use_reentrant})
+    # 5.24 renamed `gradient_checkpointing_enable` (still there, deprecated) to `activation_checkpointing_enable`
+    enable = getattr(model, "activation_checkpointing_enable", model.gradient_checkpointing_enable)
+    enable({"use_reentrant": use_reentrant})  # the checkpoint function's kwargs, first under both names
     checkpointed_layers = []
     for name, module in model.named_modules():
         if getattr(module, "gradient_checkpointing", False):
@@ -326,15 +306,15 @@ QUANT_TEXT = {"hidden_size": 128, "intermediate_size": 256, "num_attention_heads
 
 def test_qlora_on_a_4bit_model_trains_and_saves(tiny_processor, tiny_tokenizer, tmp_path):
     pytest.importorskip("bitsandbytes")
-    build_model(tiny_tokenizer, **QUANT_TEXT).save_pretrained(tmp_path / "base")
-    quantization = BitsAndBytesConfig(load_in_4bit=True, bnb_4bit_quant_type="nf4", bnb_4bit_compute_dtype=torch.float32)
+    build_trainable_model(tiny_tokenizer, **QUANT_TEXT).save_pretrained(tmp_path / "base")
+    quantization = BitsAndBytesConfig(
+        load_in_4bit=True, bnb_4bit_quant_type="nf4", bnb_4bit_compute_dtype=torch.float32
+    )
     model = AutoModelForImageTextToText.from_pretrained(tmp_path / "base", quantization_config=quantization)
     model = peft.prepare_model_for_kbit_training(model, gradient_checkpointing_kwargs={"use_reentrant": False})
     prepare_model_for_training(model)
-    trainer = sft_trainer(
-        model, tiny_processor, colour_rows(), sft_args(tmp_path / "run", steps=3, gradient_checkpointing=True),
-        peft_config=lora_config(model),
-    )  # fmt: skip
+    args = sft_args(tmp_path / "run", steps=3, **checkpointing_arguments(True, {"use_reentrant": False}))
+    trainer = sft_trainer(model, tiny_processor, colour_rows(), args, peft_config=lora_config(model))
     lora_before = {n: p.detach().clone() for n, p in trainer.model.named_parameters() if "lora_B" in n}
     trainer.train()
     losses = [entry["loss"] for entry in trainer.state.log_history if "loss" in entry]
@@ -394,7 +374,7 @@ def test_every_bad_row_is_named_by_file_and_row_before_training(bad_data, tiny_p
     with pytest.raises(DataError) as raised:
         load_rows(bad_data, FastVLMDataCollator(tiny_processor, max_length=60))
     message = str(raised.value)
-    assert message.startswith(f"6 of 7 rows cannot be trained on")
+    assert message.startswith("6 of 7 rows cannot be trained on")
     assert [bad_row.row for bad_row in raised.value.bad_rows] == list(BAD_ROWS)
     for bad_row in raised.value.bad_rows:
         assert bad_row.source == str(bad_data)

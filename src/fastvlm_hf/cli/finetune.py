@@ -132,6 +132,7 @@ def _trainer(args: argparse.Namespace, model, processor, datasets: dict, device:
     import torch
     from trl import SFTConfig
 
+    from ..compat import checkpointing_arguments
     from ..training import lora_config, sft_trainer
 
     evaluation = "evaluation" in datasets
@@ -143,8 +144,7 @@ def _trainer(args: argparse.Namespace, model, processor, datasets: dict, device:
         per_device_train_batch_size=args.batch_size,
         per_device_eval_batch_size=args.batch_size,
         gradient_accumulation_steps=args.grad_accum,
-        gradient_checkpointing=not args.no_gradient_checkpointing,
-        gradient_checkpointing_kwargs={"use_reentrant": False},
+        **checkpointing_arguments(not args.no_gradient_checkpointing, {"use_reentrant": False}),
         logging_steps=1,
         save_strategy="steps" if args.save_steps else "epoch",
         save_steps=args.save_steps or 500,
