@@ -100,3 +100,20 @@ def test_bad_rows_stop_the_run_before_training_unless_skipped(base, data, tmp_pa
     assert main(finetune_args(base, bad, output, "--max-steps", "1", "--skip-bad-rows")) == 0
     err = capsys.readouterr().err
     assert f"Skipped {bad}, row 2: image not found" in err and "2 training rows, 1 bad rows skipped" in err
+
+
+def test_help_lists_the_options_in_their_groups(capsys):
+    from test_cli import MODEL_OPTIONS, options_by_group
+
+    with pytest.raises(SystemExit) as exit_info:
+        main(["finetune", "--help"])
+    assert exit_info.value.code == 0
+    groups = options_by_group(capsys.readouterr().out)
+    assert groups["options"] == ["-h", "--debug"]
+    assert {title: options for title, options in groups.items() if title.endswith(" options")} == {
+        "data options": ["--data", "--eval-data", "--max-length", "--skip-bad-rows"],
+        "model options": MODEL_OPTIONS,
+        "adapter options": ["--lora-r", "--lora-alpha", "--lora-dropout", "--train-projector", "--train-vision-tower"],
+        "training options": ["--output", "--epochs", "--max-steps", "--lr", "--batch-size", "--grad-accum",
+                             "--save-steps", "--no-gradient-checkpointing", "--resume", "--merge", "--seed"],
+    }  # fmt: skip

@@ -26,7 +26,7 @@ def add_parser(commands) -> None:
         "go to OUTPUT/checkpoint-N (--resume continues from the last), the adapter to OUTPUT/adapter, and with "
         "--merge the merged model to OUTPUT/merged.",
     )
-    data = parser.add_argument_group("data")
+    data = parser.add_argument_group("data options")
     data.add_argument("--data", required=True, metavar="JSONL", help="training rows, one JSON object per line")
     data.add_argument("--eval-data", metavar="JSONL", help="evaluation rows, evaluated after each epoch")
     data.add_argument("--max-length", type=positive_int, default=2048, metavar="TOKENS",
