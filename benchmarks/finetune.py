@@ -167,8 +167,8 @@ def main() -> None:
         return
 
     runs = []
-    for side in args.sides:
-        for mode in ("plain", "checkpointing"):
+    for mode in ("plain", "checkpointing"):  # the sides one after the other, so that each pair shares the machine's load
+        for side in args.sides:
             log(f"{side}, {mode} ...")
             command = [sys.executable, __file__, *sys.argv[1:], "--one", side, mode]
             command = [part for part in command if part != "--output"] if args.output is None else command

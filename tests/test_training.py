@@ -184,6 +184,24 @@ def test_the_frozen_vision_tower_is_left_exactly_as_it_was(trained):
         assert torch.equal(after[key], before), key
 
 
+def test_a_frozen_vision_tower_stays_out_of_the_backward_pass(tiny_processor, tiny_tokenizer):
+    model = build_trainable_model(tiny_tokenizer)
+    prepare_model_for_training(model)
+    features = []
+    model.model.vision_tower.register_forward_hook(lambda module, args, output: features.append(output[0]))
+    peft_model = peft.get_peft_model(model, lora_config(model)).train()
+    peft_model.enable_input_require_grads()  # as PEFT and transformers' checkpointing call it: it hooks the stem too
+    batch = FastVLMDataCollator(tiny_processor)(colour_rows()[:2])
+    peft_model(**batch).loss.backward()
+    assert torch.is_grad_enabled()
+    assert not features[-1].requires_grad  # nothing of the tower recorded for backward
+    assert all(p.grad is not None for name, p in peft_model.named_parameters() if "lora_" in name)
+
+    model.model.vision_tower.final_conv.reparam_conv.weight.requires_grad_(True)  # a tower being trained
+    peft_model(**batch).loss.backward()
+    assert features[-1].requires_grad and model.model.vision_tower.final_conv.reparam_conv.weight.grad is not None
+
+
 def _inputs(processor, rows):
     batch = FastVLMDataCollator(processor)(rows)
     return {k: v for k, v in batch.items() if k != "labels"}

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 from typing import Any
 
+import torch
 from torch import nn
 from torch.nn.modules.batchnorm import _BatchNorm
 
@@ -95,17 +96,34 @@ def prepare_model_for_training(model: nn.Module) -> nn.Module:
       (and a trained tower would learn under other statistics than it runs with).
     - Keeps those statistics in the dtype of the layer's weights: `peft.prepare_model_for_kbit_training` casts the
       weights of a half-precision model to float32 but not the statistics, which BatchNorm refuses.
+    - Runs a frozen tower (no parameter, and not the image, needs a gradient) without recording its operations for
+      backward, as at inference: nothing of it is kept for the backward pass, and on CPU it takes the inference
+      kernels. transformers' `enable_input_require_grads` (which PEFT and checkpointing call) would otherwise mark
+      the stem's output as needing a gradient and make the backward pass run through the whole frozen tower.
     """
     check_trainable(model)
     for name, module in _base_model(model).named_modules():
-        if name.endswith(VISION_TOWER) and not getattr(module, "_batch_norm_frozen", False):
-            module.register_forward_pre_hook(_batch_norm_in_eval_mode)
-            module._batch_norm_frozen = True
+        if name.endswith(VISION_TOWER) and not getattr(module, "_prepared_for_training", False):
+            module.register_forward_pre_hook(_before_tower)
+            module.register_forward_hook(_after_tower, always_call=True)
+            module._prepared_for_training = True
     return model
 
 
-def _batch_norm_in_eval_mode(module: nn.Module, args: tuple) -> None:
-    # The module is looked up on each call: PEFT's trainable copy of the tower carries this hook too.
+def _before_tower(module: nn.Module, args: tuple) -> None:
+    # The module is looked up on each call: PEFT's trainable copy of the tower carries these hooks too.
+    module._grad_enabled_outside = torch.is_grad_enabled()
+    frozen = not any(parameter.requires_grad for parameter in module.parameters())
+    if frozen and not any(isinstance(arg, torch.Tensor) and arg.requires_grad for arg in args):
+        torch.set_grad_enabled(False)
+    _batch_norm_in_eval_mode(module)
+
+
+def _after_tower(module: nn.Module, args: tuple, output) -> None:
+    torch.set_grad_enabled(module._grad_enabled_outside)
+
+
+def _batch_norm_in_eval_mode(module: nn.Module) -> None:
     for submodule in module.modules():
         if isinstance(submodule, _BatchNorm):
             submodule.eval()
