@@ -167,8 +167,9 @@ def test_thirty_lora_steps_on_four_examples_drive_the_loss_below_30_percent(trai
     assert losses[-1] < 0.3 * losses[0], losses
 
 
-def test_lora_targets_the_language_models_linear_layers_only(trained):
+def test_lora_targets_the_language_models_linear_layers_only(trained, tiny_tokenizer):
     model = trained["model"]
+    assert lora_target_modules(model) == lora_target_modules(build_trainable_model(tiny_tokenizer))  # also once wrapped
     lora_layers = {name.rsplit(".lora_A", 1)[0] for name, _ in model.named_parameters() if ".lora_A." in name}
     assert lora_layers and all(".language_model.layers." in name for name in lora_layers)
     suffixes = {name.rsplit(".", 1)[-1] for name in lora_layers}

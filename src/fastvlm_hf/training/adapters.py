@@ -44,9 +44,9 @@ def lora_target_modules(model: nn.Module, projector: bool = False) -> list[str]:
     check_trainable(model)
     wanted = (LANGUAGE_MODEL, PROJECTOR) if projector else (LANGUAGE_MODEL,)
     return [
-        name
+        name.removesuffix(".base_layer")  # a layer that has LoRA already keeps its own linear layer as `base_layer`
         for name, module in _base_model(model).named_modules()
-        if isinstance(module, nn.Linear) and any(_in_module(name, part) for part in wanted)
+        if isinstance(module, nn.Linear) and any(_in_module(name, part) for part in wanted) and ".lora_" not in name
     ]
 
 
