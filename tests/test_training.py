@@ -354,6 +354,25 @@ def test_qlora_on_a_4bit_model_trains_and_saves(tiny_processor, tiny_tokenizer, 
         assert torch.equal(reloaded(**inputs).logits, trainer.model(**inputs).logits)
 
 
+def test_qlora_with_bfloat16_compute_trains_under_autocast_on_cpu(tiny_processor, tiny_tokenizer, tmp_path):
+    """What `fastvlm-hf finetune --load-in-4bit` does on a CPU by default: the frozen tower, cast to float32 by
+    `prepare_model_for_kbit_training`, runs under bfloat16 autocast."""
+    pytest.importorskip("bitsandbytes")
+    build_trainable_model(tiny_tokenizer, **QUANT_TEXT).save_pretrained(tmp_path / "base")
+    quantization = BitsAndBytesConfig(
+        load_in_4bit=True, bnb_4bit_quant_type="nf4", bnb_4bit_compute_dtype=torch.bfloat16
+    )
+    model = AutoModelForImageTextToText.from_pretrained(
+        tmp_path / "base", quantization_config=quantization, dtype=torch.bfloat16
+    )
+    model = prepare_model_for_training(peft.prepare_model_for_kbit_training(model))
+    args = sft_args(tmp_path / "run", steps=2, bf16=True)
+    trainer = sft_trainer(model, tiny_processor, colour_rows(), args, peft_config=lora_config(model))
+    trainer.train()
+    losses = [entry["loss"] for entry in trainer.state.log_history if "loss" in entry]
+    assert len(losses) == 2 and all(torch.isfinite(torch.tensor(losses)))
+
+
 # ----------------------------------------------------------------------------------------------------------------------
 # Bad rows
 
