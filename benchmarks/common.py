@@ -218,18 +218,26 @@ def reset_peak_memory(device: str) -> None:
         torch.cuda.reset_peak_memory_stats()
 
 
+def process_status_bytes(field: str) -> int | None:
+    """A memory figure of this process from Linux's /proc/self/status ("VmRSS", "VmHWM"), or None elsewhere."""
+    try:
+        with open("/proc/self/status", encoding="utf-8") as status:
+            for line in status:
+                if line.startswith(f"{field}:"):
+                    return int(line.split()[1]) * 1024
+    except OSError:
+        pass
+    return None
+
+
 def peak_memory_bytes(device: str) -> int | None:
     """CUDA: the peak of allocated tensor memory since the last reset. CPU: the process's resident set high-water mark
     (it never goes down, so measure one model per process)."""
     if device == "cuda":
         return torch.cuda.max_memory_allocated()
-    try:  # Linux; getrusage's ru_maxrss would start from the parent's peak in a child process
-        with open("/proc/self/status", encoding="utf-8") as status:
-            for line in status:
-                if line.startswith("VmHWM:"):
-                    return int(line.split()[1]) * 1024
-    except OSError:
-        pass
+    peak = process_status_bytes("VmHWM")  # getrusage's ru_maxrss would start from the parent's peak in a child process
+    if peak is not None:
+        return peak
     try:
         import resource
     except ImportError:  # Windows

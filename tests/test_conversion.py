@@ -14,6 +14,7 @@ from checkpoint_helpers import (
     IMAGE_SIDE,
     NATIVE_VISION_CONFIG,
     apple_state_dict,
+    architecture,
     assert_same_logits,
     build_reference_model,
     write_apple_checkpoint,
@@ -22,7 +23,7 @@ from safetensors import safe_open
 from huggingface_hub import ModelCard
 from transformers import AutoConfig, AutoModelForImageTextToText, AutoProcessor, LlavaProcessor
 
-from fastvlm_hf import FastVLMConfig, FastVLMForConditionalGeneration, FastVLMProcessor, conversion
+from fastvlm_hf import FastVLMConfig, FastVLMForConditionalGeneration, FastVLMProcessor, checkpoints, conversion
 from fastvlm_hf.cli import main
 
 _SCRIPT = Path(__file__).parents[1] / "conversion" / "convert_checkpoint.py"
@@ -119,6 +120,50 @@ def test_to_transformers_writes_the_native_layout_and_back(tmp_path, apple_token
     ours = tmp_path / "ours"
     assert main(["convert", str(native), str(ours), "--verify"]) == 0
     assert_same_logits(FastVLMForConditionalGeneration.from_pretrained(ours, dtype=torch.float32), reference_model)
+
+
+def safetensors_tensors(directory):
+    tensors = {}
+    for path in Path(directory).glob("*.safetensors"):
+        with safe_open(path, "pt") as weights:
+            tensors.update({key: weights.get_tensor(key) for key in weights.keys()})
+    return tensors
+
+
+def test_apple_to_ours_to_apple_gives_back_apples_tensors_bit_for_bit(tmp_path, apple_dir, converted_dir,
+                                                                       reference_model):  # fmt: skip
+    apple_again = tmp_path / "apple-again"
+    conversion.convert(str(converted_dir), apple_again, to="apple")
+
+    original, written = safetensors_tensors(apple_dir), safetensors_tensors(apple_again)
+    unused = set(checkpoints.UNUSED_KEYS[checkpoints.APPLE])  # Apple's CLIP head, which FastVLM never reads
+    assert set(written) == set(original) - unused
+    for key, tensor in written.items():
+        assert tensor.dtype == original[key].dtype and torch.equal(tensor, original[key]), key
+
+    config = json.loads((apple_again / "config.json").read_text())
+    apple_config = json.loads((apple_dir / "config.json").read_text())
+    assert config["model_type"] == "llava_qwen2" and config["architectures"] == ["LlavaQwen2ForCausalLM"]
+    for field in ("mm_vision_tower", "mm_hidden_size", "mm_projector_type", "image_token_index", "hidden_size",
+                  "num_hidden_layers", "rope_theta", "tie_word_embeddings", "vocab_size", "image_aspect_ratio"):
+        assert config[field] == apple_config[field], field  # fmt: skip
+    read_back, read_first = FastVLMConfig.from_pretrained(apple_again), FastVLMConfig.from_pretrained(apple_dir)
+    assert architecture(read_back) == architecture(read_first)
+    model = FastVLMForConditionalGeneration.from_pretrained(apple_again, dtype=torch.float32)
+    assert_same_logits(model, reference_model)
+    assert AutoProcessor.from_pretrained(apple_again).image_token_id == reference_model.config.image_token_id
+    assert conversion.verify(str(converted_dir), apple_again) <= conversion.VERIFY_TOLERANCE
+
+
+def test_apple_layout_names_no_vision_config_for_fastvithd(reference_model):
+    config = FastVLMConfig(text_config=reference_model.config.text_config.to_dict())  # FastViTHD at 1024 px
+    apple_config = checkpoints.apple_config_dict(config, dtype="bfloat16")
+    assert "vision_config" not in apple_config and apple_config["mm_vision_tower"] == "mobileclip_l_1024"
+    assert apple_config["mm_hidden_size"] == 3072 and apple_config["torch_dtype"] == "bfloat16"
+    read_back = FastVLMConfig(**checkpoints.fastvlm_config_dict(apple_config))
+    assert read_back.vision_config.to_dict() == config.vision_config.to_dict()
+    assert apple_config["rope_theta"] == 1000000.0 and "rope_parameters" not in apple_config  # as Apple's code reads it
+    assert architecture(read_back.text_config) == architecture(config.text_config)
 
 
 def test_the_converter_writes_a_model_card_and_reports_progress(converted_dir, tmp_path, apple_dir, capsys):

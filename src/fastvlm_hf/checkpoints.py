@@ -170,6 +170,50 @@ def _from_apple_config(config: dict[str, Any]) -> dict[str, Any]:
     }
 
 
+# LLaVA's settings as Apple's released config.json files state them (`research/reference-fastvlm.md` §4.2): what
+# Apple's code reads besides the language model, for a checkpoint written back into Apple's layout.
+_APPLE_LLAVA_SETTINGS = {
+    "freeze_mm_mlp_adapter": False, "image_aspect_ratio": "pad", "image_grid_pinpoints": None,
+    "mm_patch_merge_type": "flat", "mm_projector_lr": None, "mm_projector_type": "mlp2x_gelu",
+    "mm_use_im_patch_token": False, "mm_use_im_start_end": False, "mm_vision_select_feature": "patch",
+    "mm_vision_select_layer": -2, "tokenizer_model_max_length": 8192, "tokenizer_padding_side": "right",
+    "tune_mm_mlp_adapter": False, "unfreeze_mm_vision_tower": True, "use_mm_proj": True,
+}  # fmt: skip
+_APPLE_ARCHITECTURE = "LlavaQwen2ForCausalLM"
+_CONFIG_BOOKKEEPING = _CHECKPOINT_FIELDS | {"dtype", "torch_dtype"}
+
+
+def apple_config_dict(config, dtype: str | None = None) -> dict[str, Any]:
+    """Apple's flat `llava_qwen2` config.json for our `FastVLMConfig` `config` (the inverse of reading one): the Qwen2
+    fields, LLaVA's settings, the vision tower by name (`mobileclip_l_<resolution>`), and a `vision_config` only for a
+    tower that is not FastViTHD at that resolution. `dtype` ("bfloat16") is the weights'."""
+    vision = config.vision_config
+    text = {k: v for k, v in config.text_config.to_dict().items() if k not in _CONFIG_BOOKKEEPING}
+    text = {k: v for k, v in text.items() if not (k in _SHARED_FIELDS and v is None)}
+    rope = text.get("rope_parameters")
+    if isinstance(rope, dict) and rope.get("rope_type", "default") == "default":  # 5.x; Apple's code reads rope_theta
+        text.pop("rope_parameters")
+        text["rope_theta"] = rope["rope_theta"]
+    implied = FastViTHDConfig(image_size=vision.image_size).to_dict()
+    skipped = _CONFIG_BOOKKEEPING | {"image_size"}
+    explicit = {k: v for k, v in vision.to_dict().items() if k not in skipped and implied.get(k) != v}
+    apple = {
+        **text,
+        **_APPLE_LLAVA_SETTINGS,
+        "architectures": [_APPLE_ARCHITECTURE],
+        "model_type": APPLE,
+        "mm_hidden_size": vision.hidden_size,
+        "mm_vision_tower": f"mobileclip_l_{vision.image_size}",
+        "image_token_index": config.image_token_id,
+        "tie_word_embeddings": config.tie_word_embeddings,
+    }
+    if explicit:
+        apple["vision_config"] = explicit
+    if dtype is not None:
+        apple["torch_dtype"] = dtype
+    return apple
+
+
 def _apple_vision_config(config: dict[str, Any]) -> FastViTHDConfig:
     """FastViTHD at the resolution in the tower's name; an explicit `vision_config` overrides the implied one."""
     tower = config.get("mm_vision_tower")

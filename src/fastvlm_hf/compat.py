@@ -29,6 +29,7 @@ __all__ = [
     "PROCESSOR_CLASS_ATTRIBUTES",
     "PretrainedConfig",
     "cache_of",
+    "checkpointing_arguments",
     "complete_disk_offload",
     "is_first_generation_step",
     "mismatched_key_names",
@@ -171,6 +172,17 @@ def own_layout_save_kwargs(kwargs: dict[str, Any]) -> dict[str, Any]:
     if IS_TRANSFORMERS_5:
         kwargs.setdefault("save_original_format", False)
     return kwargs
+
+
+def checkpointing_arguments(enabled: bool, kwargs: dict[str, Any] | None = None) -> dict[str, Any]:
+    """`TrainingArguments` settings that turn activation (gradient) checkpointing on or off, under the installed
+    names: 5.24 renamed `gradient_checkpointing(_kwargs)` to `activation_checkpointing(_kwargs)` and warns on the old
+    ones, which TRL's configs set by default."""
+    from transformers import TrainingArguments
+
+    renamed = "activation_checkpointing" in TrainingArguments.__dataclass_fields__
+    name = "activation_checkpointing" if renamed else "gradient_checkpointing"
+    return {name: enabled, f"{name}_kwargs": kwargs}
 
 
 def complete_disk_offload(model: Any, tied_weights: dict[str, str]) -> None:

@@ -1,4 +1,4 @@
-"""Convert a FastVLM checkpoint of any layout into this package's layout, or into transformers' native one.
+"""Convert a FastVLM checkpoint of any layout into this package's layout, transformers' native one or Apple's.
 
 The source is a Hub id or a local folder holding one of the three layouts of `fastvlm_hf.checkpoints`: Apple's
 (`apple/FastVLM-0.5B`, `model_type: "llava_qwen2"`), transformers' native (`"fast_vlm"`) or this package's
@@ -8,12 +8,15 @@ The source is a Hub id or a local folder holding one of the three layouts of `fa
 
     fastvlm-hf convert apple/FastVLM-0.5B FastVLM-0.5B-hf --verify
     fastvlm-hf convert apple/FastVLM-0.5B FastVLM-0.5B-native --to transformers --verify
+    fastvlm-hf convert my-finetuned-fastvlm my-finetuned-fastvlm-apple --to apple --verify
     fastvlm-hf convert apple/FastVLM-0.5B FastVLM-0.5B-hf --verify --push-to-hub me/FastVLM-0.5B-hf
 
 (`fastvlm_hf.cli` parses these arguments; `python conversion/convert_checkpoint.py` takes the same ones.)
 
 `--to transformers` writes what transformers' own `FastVlmForConditionalGeneration` loads (5.x, with timm): timm's key
 names, a `fast_vlm` config and a `LlavaProcessor` (whose CLIP image processor crops instead of padding).
+`--to apple` writes Apple's own layout back (`llava_qwen2`), e.g. for a fine-tuned model that Apple's Core ML and MLX
+export scripts are to take.
 `--verify` reloads the result and compares its float32 logits with the source's on a test image and prompt.
 `--push-to-hub REPO` uploads the folder to the Hub model repo REPO (created if missing), after `--verify` passed.
 
@@ -43,7 +46,7 @@ from .modeling_fastvlm import FastVLMForConditionalGeneration
 from .processing_fastvlm import FastVLMProcessor
 
 DTYPES = {"auto": "auto", "float32": torch.float32, "bfloat16": torch.bfloat16, "float16": torch.float16}
-TARGETS = ("fastvlm", "transformers")
+TARGETS = ("fastvlm", "transformers", "apple")
 END_OF_TURN = "<|im_end|>"
 VERIFY_TOLERANCE = 1e-5
 
@@ -60,8 +63,8 @@ def convert(
     max_shard_size: str = "5GB",
     repo_id: str | None = None,
 ) -> None:
-    """Loads `source` (any layout) and writes it to `output` in the layout `to` ("fastvlm" or "transformers"), with a
-    model card that names the model `repo_id` (default: the output folder's name)."""
+    """Loads `source` (any layout) and writes it to `output` in the layout `to` ("fastvlm", "transformers" or "apple"),
+    with a model card that names the model `repo_id` (default: the output folder's name)."""
     if to not in TARGETS:
         raise ConversionError(f"Unknown target layout {to!r}: choose one of {', '.join(TARGETS)}.")
     if dtype not in DTYPES:
@@ -75,10 +78,8 @@ def convert(
     model.generation_config = generation_config(model, processor.tokenizer)
     output = Path(output)
     output.mkdir(parents=True, exist_ok=True)
-    if to == "fastvlm":
-        save_fastvlm_layout(model, processor, output, max_shard_size)
-    else:
-        save_transformers_layout(model, processor, output, max_shard_size)
+    savers = {"fastvlm": save_fastvlm_layout, "transformers": save_transformers_layout, "apple": save_apple_layout}
+    savers[to](model, processor, output, max_shard_size)
     card = model_card.render(
         model.config,
         repo_id=repo_id or output.resolve().name,
@@ -165,6 +166,23 @@ def save_transformers_layout(model, processor, output: Path, max_shard_size: str
         vision_feature_select_strategy="full",
         chat_template=processor.chat_template,
     ).save_pretrained(output)
+
+
+def save_apple_layout(model, processor, output: Path, max_shard_size: str) -> None:
+    """Weights under Apple's names and Apple's flat `llava_qwen2` config.json, as Apple's Hub repos hold them, so that
+    Apple's own code (its predict.py, its Core ML and MLX export scripts) takes the model; the tokenizer with its
+    `<image>` token, no processor files (Apple's repos have none).
+
+    Like Apple's, the weights include `lm_head.weight` even when the config ties it to the input embedding. They do not
+    include the CLIP projection head of Apple's image tower (`...vision_tower.vision_tower.model.head.proj`): FastVLM
+    never uses it and drops it on loading."""
+    state_dict = model.state_dict()
+    state_dict["lm_head.weight"] = state_dict["lm_head.weight"].clone()  # its own storage, even when tied
+    save_sharded(checkpoints.from_fastvlm_state_dict(state_dict, checkpoints.APPLE), output, max_shard_size)
+    config = checkpoints.apple_config_dict(model.config, dtype=str(model.dtype).removeprefix("torch."))
+    (output / "config.json").write_text(json.dumps(config, indent=2, sort_keys=True) + "\n")
+    model.generation_config.save_pretrained(output)
+    processor.tokenizer.save_pretrained(output)
 
 
 def save_sharded(state_dict: dict[str, torch.Tensor], output: Path, max_shard_size: str) -> None:

@@ -21,7 +21,7 @@ LICENSE = "apple-amlr"
 LICENSE_NAME = "apple-amlr"
 LICENSE_LINK = "https://github.com/apple/ml-fastvlm/blob/main/LICENSE_MODEL"
 TAGS = ["fastvlm", "fastvithd", "qwen2", "vision-language"]
-LAYOUT_TAGS = {"fastvlm": "fastvlm-hf", "transformers": "fast_vlm"}
+LAYOUT_TAGS = {"fastvlm": "fastvlm-hf", "transformers": "fast_vlm", "apple": "llava_qwen2"}
 
 
 @lru_cache(maxsize=1)
@@ -48,7 +48,7 @@ def render(
     """The card's text for a model with `config` (a `FastVLMConfig`), published as `repo_id`.
 
     `source` is the checkpoint it was converted from: a Hub id becomes the card's `base_model` (otherwise the Apple
-    repo of the released size is). `layout` is "fastvlm" or "transformers"; `num_parameters` is shown for sizes that
+    repo of the released size is). `layout` is "fastvlm", "transformers" or "apple"; `num_parameters` is shown for sizes that
     Apple did not release; `dtype` is the weights' ("bfloat16").
     """
     size = size_of(config)

@@ -12,6 +12,7 @@ import torch.nn.functional as F
 from torch import nn
 from transformers import PreTrainedModel
 from transformers.activations import ACT2FN
+from transformers.modeling_layers import GradientCheckpointingLayer
 from transformers.modeling_outputs import BaseModelOutputWithPoolingAndNoAttention
 
 from .compat import weight_init
@@ -202,7 +203,7 @@ class FastViTHDAttention(nn.Module):
         return self.proj(attended).reshape(batch_size, height, width, channels).permute(0, 3, 1, 2)
 
 
-class FastViTHDRepMixerBlock(nn.Module):
+class FastViTHDRepMixerBlock(GradientCheckpointingLayer):
     """Convolutional block: re-parameterised RepMixer, then a layer-scaled ConvFFN residual."""
 
     def __init__(self, config: FastViTHDConfig, channels: int, mlp_ratio: float):
@@ -216,7 +217,7 @@ class FastViTHDRepMixerBlock(nn.Module):
         return self.layer_scale(hidden_states, self.mlp(hidden_states))
 
 
-class FastViTHDAttentionBlock(nn.Module):
+class FastViTHDAttentionBlock(GradientCheckpointingLayer):
     """Transformer block on a feature map: pre-norm attention and ConvFFN, each a layer-scaled residual."""
 
     def __init__(self, config: FastViTHDConfig, channels: int, mlp_ratio: float):
@@ -285,7 +286,7 @@ class FastViTHDPreTrainedModel(PreTrainedModel):
     base_model_prefix = "fastvithd"
     main_input_name = "pixel_values"
     input_modalities = ("image",)
-    supports_gradient_checkpointing = False
+    supports_gradient_checkpointing = True  # block by block: every block is a `GradientCheckpointingLayer`
     _no_split_modules = ["FastViTHDModel"]
     _supports_sdpa = True
 

@@ -14,8 +14,12 @@
 
 ``convert``
     Rewrite a checkpoint of any FastVLM layout (Apple's, this package's, transformers' native) into this
-    package's layout or transformers' native one, with a model card; optionally verify and push it to the
+    package's layout, transformers' native one or Apple's, with a model card; optionally verify and push it to the
     Hub (see ``fastvlm_hf.conversion``).
+
+``finetune``
+    Fine-tune with LoRA adapters (QLoRA on a 4-bit model) on a JSONL file of rows, through TRL's SFTTrainer, after a
+    check of every row; save the adapter and, with ``--merge``, the merged model (see ``fastvlm_hf.training``).
 
 What they share: ``options`` (the model, generation and output options), ``loading`` (model, processor and images)
 and ``messages`` (status lines and errors).
@@ -32,7 +36,7 @@ import argparse
 import sys
 from importlib import metadata
 
-from . import bench, chat, convert, predict
+from . import bench, chat, convert, finetune, predict
 from .messages import CLIError
 
 
@@ -40,7 +44,7 @@ def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(prog="fastvlm-hf", description="Apple's FastVLM through Hugging Face transformers.")
     parser.add_argument("--version", action="version", version=f"%(prog)s {_package_version()}")
     commands = parser.add_subparsers(dest="command", metavar="COMMAND", required=True)
-    for command in (predict, chat, bench, convert):
+    for command in (predict, chat, bench, convert, finetune):
         command.add_parser(commands)
     return parser
 

@@ -1,5 +1,5 @@
-"""``fastvlm-hf convert``: rewrite a checkpoint of any FastVLM layout into this package's or transformers' native one,
-with a model card; optionally verify it and push it to the Hub (see ``fastvlm_hf.conversion``)."""
+"""``fastvlm-hf convert``: rewrite a checkpoint of any FastVLM layout into this package's, transformers' native or
+Apple's, with a model card; optionally verify it and push it to the Hub (see ``fastvlm_hf.conversion``)."""
 
 from __future__ import annotations
 
@@ -16,7 +16,8 @@ def add_parser(commands) -> None:
         run,
         help="convert a checkpoint between FastVLM layouts",
         description="Rewrite a FastVLM checkpoint (Apple's, this package's or transformers' native layout) into "
-        "this package's layout or transformers' native one, with sharded safetensors and a model card (README.md).",
+        "this package's layout, transformers' native one or Apple's, with sharded safetensors and a model card "
+        "(README.md).",
     )
     parser.add_argument("source", help="Hub repo id or local folder, in any FastVLM layout")
     parser.add_argument("output", help="folder to write")
@@ -28,10 +29,10 @@ def add_parser(commands) -> None:
     output = add_output_options(parser)
     output.add_argument(
         "--to",
-        choices=["fastvlm", "transformers"],
+        choices=["fastvlm", "transformers", "apple"],
         default="fastvlm",
-        help="fastvlm: this package's layout; transformers: transformers' native fast_vlm (needs transformers 5) "
-        "(default: fastvlm)",
+        help="fastvlm: this package's layout; transformers: transformers' native fast_vlm (needs transformers 5); "
+        "apple: Apple's own llava_qwen2 layout, which Apple's export scripts take (default: fastvlm)",
     )
     output.add_argument(
         "--dtype",

@@ -44,14 +44,15 @@ _STEM_BAND_BYTES = 8 * 2**20
 
 
 def _cpu_inference(hidden_states: torch.Tensor, weight: torch.Tensor) -> bool:
-    """Whether a forward pass may take the CPU inference kernels: fast routes on, no autograd, no compiler, float32 or
-    (on a CPU that computes it natively) bfloat16 on the CPU, weights present (accelerate keeps offloaded weights on
-    the meta device until their module runs)."""
+    """Whether a forward pass may take the CPU inference kernels: fast routes on, no autograd, no autocast, no compiler,
+    float32 or (on a CPU that computes it natively) bfloat16 on the CPU, weights present (accelerate keeps offloaded
+    weights on the meta device until their module runs)."""
     return (
         fast_routes_enabled()
         and torch.backends.mkldnn.enabled
         and not torch.compiler.is_compiling()  # the compiler fuses by itself
         and not torch.is_grad_enabled()  # the fused kernels have no backward
+        and not torch.is_autocast_enabled("cpu")  # they take their operands' dtypes as they are; autocast casts them
         and hidden_states.device.type == "cpu"
         and (hidden_states.dtype == torch.float32 or (hidden_states.dtype == torch.bfloat16 and has_native_bfloat16()))
         and weight.device.type == "cpu"

@@ -1,0 +1,119 @@
+"""`fastvlm-hf finetune` on a tiny checkpoint: end to end as a subprocess (then `predict` and `convert --to apple` on
+its output), resuming, and bad data stopping it before training."""
+
+import json
+import os
+import subprocess
+import sys
+
+import pytest
+from PIL import Image
+from training_helpers import COLOURS, build_trainable_model, user
+
+from fastvlm_hf.cli import main
+
+pytest.importorskip("peft")
+pytest.importorskip("trl")
+
+COMMAND = [sys.executable, "-m", "fastvlm_hf.cli"]
+ENV = {**os.environ, "HF_HUB_OFFLINE": "1"}
+
+
+@pytest.fixture(scope="module")
+def base(tiny_tokenizer, tiny_processor, tmp_path_factory):
+    path = tmp_path_factory.mktemp("base")
+    build_trainable_model(tiny_tokenizer).save_pretrained(path)
+    tiny_processor.save_pretrained(path)
+    return path
+
+
+@pytest.fixture(scope="module")
+def data(tmp_path_factory):
+    """train.jsonl with four rows, their images beside it (relative paths)."""
+    folder = tmp_path_factory.mktemp("data")
+    lines = []
+    for colour, rgb in COLOURS.items():
+        Image.new("RGB", (96, 128), rgb).save(folder / f"{colour}.png")
+        messages = [user("Describe the image.", images=1), {"role": "assistant", "content": f"A {colour} rectangle."}]
+        lines.append(json.dumps({"images": [f"{colour}.png"], "messages": messages}))
+    (folder / "train.jsonl").write_text("\n".join(lines) + "\n")
+    return folder / "train.jsonl"
+
+
+def finetune_args(base, data, output, *extra):
+    return ["finetune", "--model", str(base), "--data", str(data), "--output", str(output), "--device", "cpu",
+            "--dtype", "float32", "--batch-size", "2", "--grad-accum", "1", "--lr", "5e-3", *extra]  # fmt: skip
+
+
+def test_finetune_end_to_end_then_predict_and_convert_its_output(base, data, tmp_path):
+    output = tmp_path / "run"
+    argv = finetune_args(base, data, output, "--max-steps", "4", "--save-steps", "2", "--eval-data", str(data))
+    argv.append("--merge")
+    result = subprocess.run(COMMAND + argv, capture_output=True, text=True, timeout=600, env=ENV)
+    assert result.returncode == 0, result.stderr[-3000:]
+    log = result.stdout + result.stderr
+    assert "4 training rows" in log and "'loss'" in log and "'learning_rate'" in log and "'eval_loss'" in log
+    adapter, merged = output / "adapter", output / "merged"
+    assert result.stderr.strip().splitlines()[-1] == f"Adapter saved to {adapter}; merged model saved to {merged}"
+    assert (output / "checkpoint-2").is_dir() and (output / "checkpoint-4").is_dir()  # resumable checkpoints
+    assert (adapter / "adapter_model.safetensors").exists() and (adapter / "processor_config.json").exists()
+    assert json.loads((merged / "config.json").read_text())["model_type"] == "fastvlm"
+
+    image = data.parent / "red.png"
+    predict = ["predict", "--model", str(merged), "--image", str(image), "--prompt", "Describe the image.",
+               "--device", "cpu", "--dtype", "float32", "--max-new-tokens", "4"]  # fmt: skip
+    result = subprocess.run(COMMAND + predict, capture_output=True, text=True, timeout=300, env=ENV)
+    assert result.returncode == 0, result.stderr[-3000:]
+
+    assert main(["convert", str(merged), str(tmp_path / "apple"), "--to", "apple", "--verify"]) == 0
+    assert json.loads((tmp_path / "apple" / "config.json").read_text())["model_type"] == "llava_qwen2"
+
+
+def test_resume_continues_from_the_last_checkpoint(base, data, tmp_path, capsys):
+    output = tmp_path / "run"
+    assert main(finetune_args(base, data, output, "--max-steps", "2", "--save-steps", "1")) == 0
+    assert main(finetune_args(base, data, output, "--max-steps", "3", "--save-steps", "1", "--resume")) == 0
+    state = json.loads((output / "checkpoint-3" / "trainer_state.json").read_text())
+    steps_logged = [entry["step"] for entry in state["log_history"] if "loss" in entry]
+    assert steps_logged == [1, 2, 3]  # steps 1 and 2 from the first run, 3 from the resumed one
+    capsys.readouterr()
+
+
+def test_resume_without_a_checkpoint_is_a_one_line_error(base, data, tmp_path, capsys):
+    assert main(finetune_args(base, data, tmp_path / "empty", "--resume")) == 1
+    assert capsys.readouterr().err.startswith("fastvlm-hf: error: --resume: no checkpoint in")
+
+
+def test_bad_rows_stop_the_run_before_training_unless_skipped(base, data, tmp_path, capsys):
+    bad = data.parent / "bad.jsonl"  # beside the images
+    rows = data.read_text().splitlines()
+    missing = json.loads(rows[1])
+    missing["images"] = ["nowhere.png"]
+    bad.write_text("\n".join([rows[0], json.dumps(missing), rows[2]]) + "\n")
+
+    output = tmp_path / "run"
+    assert main(finetune_args(base, bad, output, "--max-steps", "1")) == 1
+    error = capsys.readouterr().err
+    assert f"fastvlm-hf: error: 1 of 3 rows cannot be trained on:\n  {bad}, row 2: image not found:" in error
+    assert not output.exists()  # nothing trained, nothing written
+
+    assert main(finetune_args(base, bad, output, "--max-steps", "1", "--skip-bad-rows")) == 0
+    err = capsys.readouterr().err
+    assert f"Skipped {bad}, row 2: image not found" in err and "2 training rows, 1 bad rows skipped" in err
+
+
+def test_help_lists_the_options_in_their_groups(capsys):
+    from test_cli import MODEL_OPTIONS, options_by_group
+
+    with pytest.raises(SystemExit) as exit_info:
+        main(["finetune", "--help"])
+    assert exit_info.value.code == 0
+    groups = options_by_group(capsys.readouterr().out)
+    assert groups["options"] == ["-h", "--debug"]
+    assert {title: options for title, options in groups.items() if title.endswith(" options")} == {
+        "data options": ["--data", "--eval-data", "--max-length", "--skip-bad-rows"],
+        "model options": MODEL_OPTIONS,
+        "adapter options": ["--lora-r", "--lora-alpha", "--lora-dropout", "--train-projector", "--train-vision-tower"],
+        "training options": ["--output", "--epochs", "--max-steps", "--lr", "--batch-size", "--grad-accum",
+                             "--save-steps", "--no-gradient-checkpointing", "--resume", "--merge", "--seed"],
+    }  # fmt: skip
