@@ -365,7 +365,8 @@ def test_qlora_with_bfloat16_compute_trains_under_autocast_on_cpu(tiny_processor
     model = AutoModelForImageTextToText.from_pretrained(
         tmp_path / "base", quantization_config=quantization, dtype=torch.bfloat16
     )
-    model = prepare_model_for_training(peft.prepare_model_for_kbit_training(model))
+    model = peft.prepare_model_for_kbit_training(model, gradient_checkpointing_kwargs={"use_reentrant": False})
+    model = prepare_model_for_training(model)
     args = sft_args(tmp_path / "run", steps=2, bf16=True)
     trainer = sft_trainer(model, tiny_processor, colour_rows(), args, peft_config=lora_config(model))
     trainer.train()
