@@ -252,7 +252,6 @@ def describe(contender: Contender) -> dict[str, Any]:
         "prompt_tokens": input_ids.shape[1],
         "encoder_params": parameters(contender.encoder),
         "projector_params": parameters(contender.projector),
-        "total_params": parameters(contender.side.model),
         "encoder_flops": encoder_flops,
         "ttft_flops": ttft_flops,
     }
