@@ -262,6 +262,40 @@ def gib(num_bytes: int | None) -> str:
     return "n/a" if num_bytes is None else f"{num_bytes / 2**30:.2f}"
 
 
+# Peak memory is measured in a child process per model (the resident set's high-water mark never goes down): the child
+# calls `memory_baseline` before building its model and `report_memory` after running it; the parent runs it with
+# `probe_memory`.
+_MEMORY_LINE = "MEMORY "
+
+
+def memory_baseline(device: str) -> int:
+    reset_peak_memory(device)
+    return peak_memory_bytes(device) if device == "cpu" else 0
+
+
+def report_memory(device: str, baseline: int, model: torch.nn.Module) -> None:
+    weights = sum(t.numel() * t.element_size() for t in [*model.parameters(), *model.buffers()])
+    report = {"peak_bytes": peak_memory_bytes(device), "baseline_bytes": baseline, "weights_bytes": weights}
+    print(_MEMORY_LINE + json.dumps(report))
+
+
+def probe_memory(arguments: list[str], label: str) -> dict[str, Any] | None:
+    """Runs `python *arguments`, a child that ends with `report_memory`, and returns its report (None if it failed)."""
+    result = subprocess.run([sys.executable, *arguments], capture_output=True, text=True, check=False)
+    lines = [line for line in result.stdout.splitlines() if line.startswith(_MEMORY_LINE)]
+    if result.returncode or not lines:
+        log(f"  memory probe for {label} failed:\n{result.stderr[-2000:]}")
+        return None
+    return json.loads(lines[-1].removeprefix(_MEMORY_LINE))
+
+
+def peak_cell(memory: dict[str, Any] | None) -> str:
+    """'peak (+ growth over the process before the model was built)' in GiB."""
+    if not memory or memory["peak_bytes"] is None:
+        return "n/a"
+    return f"{gib(memory['peak_bytes'])} (+{gib(memory['peak_bytes'] - memory['baseline_bytes'])})"
+
+
 # ----------------------------------------------------------------------------------------------------------------------
 # Random FastViTHD weights
 
@@ -333,6 +367,11 @@ def _git_commit() -> str | None:
     return result.stdout.strip() or None
 
 
+def load_average() -> list[float] | None:
+    """The system's 1-, 5- and 15-minute load averages (runnable processes): how much else the machine was doing."""
+    return [round(load, 2) for load in os.getloadavg()] if hasattr(os, "getloadavg") else None
+
+
 def describe_machine(device: str) -> dict[str, Any]:
     usable = len(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity") else os.cpu_count()
     return {
@@ -341,6 +380,7 @@ def describe_machine(device: str) -> dict[str, Any]:
         "cpu": _cpu_model(),
         "cpu_cores_usable": usable,
         "torch_threads": torch.get_num_threads(),
+        "load_average": load_average(),
         "gpu": torch.cuda.get_device_name() if device == "cuda" else None,
         "device": device,
         "python": platform.python_version(),
@@ -356,7 +396,9 @@ def machine_line(machine: dict[str, Any]) -> str:
     hardware = machine["gpu"] or f"{machine['cpu']}, {machine['torch_threads']} of {machine['cpu_cores_usable']} cores"
     versions = ", ".join(f"{name} {machine[name]}" for name in ("torch", "transformers", "timm") if machine[name])
     commit = f", fastvlm-hf @ {machine['git_commit']}" if machine["git_commit"] else ""
-    return f"{machine['date_utc']} UTC · {hardware} · {versions}{commit}"
+    load = machine.get("load_average")
+    load = f" · load {load[0]:.1f} / {load[1]:.1f} / {load[2]:.1f} (1 / 5 / 15 min)" if load else ""
+    return f"{machine['date_utc']} UTC · {hardware}{load} · {versions}{commit}"
 
 
 # ----------------------------------------------------------------------------------------------------------------------

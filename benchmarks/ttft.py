@@ -27,7 +27,6 @@ import copy
 import gc
 import json
 import os
-import subprocess
 import sys
 from functools import partial
 from pathlib import Path
@@ -47,17 +46,18 @@ from common import (
     count_flops,
     default_dtype,
     describe_machine,
-    gib,
     give_fastvithd_working_weights,
     interleave,
     log,
     machine_line,
     markdown_table,
     matmul_flops_per_second,
+    memory_baseline,
     parse_dtypes,
     parse_list,
-    peak_memory_bytes,
-    reset_peak_memory,
+    peak_cell,
+    probe_memory,
+    report_memory,
     write_results,
 )
 from PIL import Image
@@ -180,12 +180,12 @@ def chat_inputs(processor, image: Image.Image, device: str) -> dict[str, torch.T
 # Models
 
 
-def fastvlm_config(size: str, args: argparse.Namespace, tokenizer) -> FastVLMConfig:
+def fastvlm_config(size: str, tokenizer, resolution: int, layers: int | None = None) -> FastVLMConfig:
     text_config = {**QWEN2_COMMON, **SIZES[size]}
-    if args.layers:
-        text_config["num_hidden_layers"] = args.layers
+    if layers:
+        text_config["num_hidden_layers"] = layers
     return FastVLMConfig(
-        vision_config={"image_size": args.resolution},
+        vision_config={"image_size": resolution},
         text_config=text_config,
         image_token_id=tokenizer.convert_tokens_to_ids("<image>"),
         tie_word_embeddings=text_config["tie_word_embeddings"],
@@ -330,45 +330,30 @@ def memory_probe(args: argparse.Namespace) -> None:
     tokenizer = build_tokenizer()
     processor = build_processors(tokenizer, args.resolution)[args.memory_probe]
     image = load_image(args.image)
-    config = fastvlm_config(size, args, tokenizer)
-    reset_peak_memory(args.device)
-    baseline = peak_memory_bytes(args.device) if args.device == "cpu" else 0
+    config = fastvlm_config(size, tokenizer, args.resolution, args.layers)
+    baseline = memory_baseline(args.device)
     dtype = DTYPES[dtype_name]
     if args.memory_probe == "ours":
         model = packed_for(args, build_ours(config, dtype, args.device, args.seed)).eval()
     else:
         model = build_native(config, dtype, args.device).eval()
-    weights = sum(t.numel() * t.element_size() for t in [*model.parameters(), *model.buffers()])
     Side(model, processor, image, args.device, generation_kwargs(tokenizer)).generate(1)
-    peak = peak_memory_bytes(args.device)
-    print("MEMORY " + json.dumps({"peak_bytes": peak, "baseline_bytes": baseline, "weights_bytes": weights}))
+    report_memory(args.device, baseline, model)
 
 
 def measure_memory(size: str, dtype_name: str, side: str, args: argparse.Namespace) -> dict[str, Any] | None:
     command = [
-        sys.executable, str(Path(__file__).resolve()), "--memory-probe", side, "--sizes", size, "--dtypes", dtype_name,
+        str(Path(__file__).resolve()), "--memory-probe", side, "--sizes", size, "--dtypes", dtype_name,
         "--resolution", str(args.resolution), "--image", str(args.image), "--device", args.device,
         "--threads", str(args.threads), "--seed", str(args.seed),
     ]  # fmt: skip
     if args.layers:
         command += ["--layers", str(args.layers)]
-    result = subprocess.run(command, capture_output=True, text=True, check=False)
-    lines = [line for line in result.stdout.splitlines() if line.startswith("MEMORY ")]
-    if result.returncode or not lines:
-        log(f"  memory probe for {side} failed:\n{result.stderr[-2000:]}")
-        return None
-    return json.loads(lines[-1].removeprefix("MEMORY "))
+    return probe_memory(command, side)
 
 
 # ----------------------------------------------------------------------------------------------------------------------
 # Report
-
-
-def peak_cell(memory: dict[str, Any] | None) -> str:
-    """'peak (+ growth over the process before the model was built)' in GiB."""
-    if not memory or memory["peak_bytes"] is None:
-        return "n/a"
-    return f"{gib(memory['peak_bytes'])} (+{gib(memory['peak_bytes'] - memory['baseline_bytes'])})"
 
 
 LATENCY_HEADERS = [
@@ -452,7 +437,7 @@ def markdown(results: dict[str, Any]) -> str:
 
 def run_pair(size: str, dtype_name: str, args, tokenizer, processors, image) -> dict[str, Any]:
     dtype = DTYPES[dtype_name]
-    config = fastvlm_config(size, args, tokenizer)
+    config = fastvlm_config(size, tokenizer, args.resolution, args.layers)
     log(f"{size} {dtype_name}: building both models")
     ours = build_ours(config, dtype, args.device, args.seed)
     native = build_native(config, dtype, args.device, ours)
