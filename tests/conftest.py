@@ -92,6 +92,19 @@ def randomize_non_parameter_state(model) -> None:
                 tensor.copy_(torch.rand(tensor.shape, generator=generator) + 0.5)
 
 
+def draw_image_sensitive_weights(model, seed: int) -> None:
+    """Redraws `model`'s weights at scales that let the image through to the logits and make greedy tokens vary (the
+    default initialisation all but erases the image and repeats one token)."""
+    import torch
+
+    generator = torch.Generator().manual_seed(seed)
+    with torch.no_grad():
+        for name, parameter in model.named_parameters():
+            if parameter.ndim > 1 or name.startswith("model.vision_tower."):
+                scale = 0.3 if name.startswith("model.vision_tower.") else 0.15
+                parameter.copy_(torch.randn(parameter.shape, generator=generator) * scale)
+
+
 @pytest.fixture(scope="session")
 def tiny_config(tiny_tokenizer):
     from fastvlm_hf import FastVLMConfig
