@@ -4,7 +4,7 @@ import json
 
 import torch
 import transformers
-from conftest import TINY_VISION_CONFIG, randomize_non_parameter_state, tiny_text_config
+from conftest import TINY_VISION_CONFIG, draw_image_sensitive_weights, randomize_non_parameter_state, tiny_text_config
 from safetensors.torch import save_file
 
 from fastvlm_hf import FastVLMConfig, FastVLMForConditionalGeneration, checkpoints
@@ -19,17 +19,23 @@ CHATML_TEMPLATE = (  # a text-only ChatML template on the tokenizer, like Qwen2-
 )
 
 
-def build_reference_model(tokenizer, tie_word_embeddings=True, vision_config=TINY_VISION_CONFIG, seed=0):
-    """Our model with bf16-representable values, so that a bf16 checkpoint of it holds exactly its tensors."""
+def build_reference_model(
+    tokenizer, tie_word_embeddings=True, vision_config=TINY_VISION_CONFIG, seed=0, text_overrides=None,
+    image_sensitive=False,
+):
+    """Our model with bf16-representable values, so that a bf16 checkpoint of it holds exactly its tensors;
+    `image_sensitive` draws weights whose greedy tokens follow the image."""
     text_config = tiny_text_config(len(tokenizer) + SPARE_VOCAB_ROWS, tie_word_embeddings=tie_word_embeddings)
     config = FastVLMConfig(
         vision_config=vision_config,
-        text_config={**text_config, "rope_theta": ROPE_THETA},
+        text_config={**text_config, "rope_theta": ROPE_THETA, **(text_overrides or {})},
         image_token_id=len(tokenizer),  # where `<image>` lands when added to the tokenizer
     )
     torch.manual_seed(seed)
     model = FastVLMForConditionalGeneration(config).eval()
     randomize_non_parameter_state(model)
+    if image_sensitive:
+        draw_image_sensitive_weights(model, seed)
     with torch.no_grad():
         for tensor in model.state_dict().values():
             if tensor.is_floating_point():
