@@ -84,5 +84,5 @@ def test_the_language_model_and_head_are_sharded(tensor_parallel_run, head):
     assert results[directory]["q_proj"] == (text_config.hidden_size // WORLD_SIZE, text_config.hidden_size)
     # The head has Qwen2's plan: `colwise_gather_output` shards it; 5.0's `colwise_rep` leaves it whole.
     sharded_head = FastVLMForConditionalGeneration._tp_plan["lm_head"] == "colwise_gather_output"
-    vocab_size = text_config.vocab_size
-    assert results[directory]["lm_head"] == (vocab_size // WORLD_SIZE if sharded_head else vocab_size, text_config.hidden_size)
+    head_rows = text_config.vocab_size // WORLD_SIZE if sharded_head else text_config.vocab_size
+    assert results[directory]["lm_head"] == (head_rows, text_config.hidden_size)

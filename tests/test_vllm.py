@@ -22,17 +22,23 @@ import numpy as np
 import pytest
 import torch
 import transformers
-from checkpoint_helpers import QWEN2_SPECIAL_TOKENS, build_reference_model, write_apple_checkpoint, write_native_checkpoint
+from checkpoint_helpers import (
+    QWEN2_SPECIAL_TOKENS,
+    build_reference_model,
+    write_apple_checkpoint,
+    write_native_checkpoint,
+)
 from conftest import build_tiny_tokenizer
 from PIL import Image
 from transformers import AutoProcessor
 
-from fastvlm_hf import FastVLMForConditionalGeneration, FastVLMProcessor, checkpoints
+from fastvlm_hf import FastVLMForConditionalGeneration, checkpoints
 from fastvlm_hf.compat import HAS_NATIVE_FAST_VLM
 
 vllm = pytest.importorskip("vllm", reason="vLLM is not installed (CI runs these tests in its vLLM suite)")
 
-LAYOUTS = [checkpoints.APPLE, checkpoints.TRANSFORMERS, checkpoints.FASTVLM]  # ours last: the next tests reuse its engine
+# Ours last: the tests after these reuse its engine.
+LAYOUTS = [checkpoints.APPLE, checkpoints.TRANSFORMERS, checkpoints.FASTVLM]
 NEW_TOKENS = 8
 LOGPROB_TOLERANCE = 1e-3
 MAX_MODEL_LEN = 512
@@ -93,7 +99,8 @@ def transformers_greedy(model, processor, prompt: str, images: list) -> tuple[li
 def checkpoint_dirs(tmp_path_factory):
     """One tiny FastVLM in each layout: Apple's as published (flat config, Apple's key names, a tokenizer without
     `<image>`, no processor files), ours as `save_pretrained` writes it after loading Apple's, and transformers'
-    native one (untied head, a tokenizer with `<image>`, no processor files: the plugin's processor reads it)."""
+    native one as its converted checkpoints come (an untied head here, timm's names, and the `LlavaProcessor` with a
+    centre-cropping CLIP image processor that transformers' conversion script writes)."""
     root = tmp_path_factory.mktemp("vllm-checkpoints")
     tokenizer = build_tiny_tokenizer(special_tokens=QWEN2_SPECIAL_TOKENS)
     tied = build_reference_model(tokenizer, text_overrides=TEXT_OVERRIDES, image_sensitive=True)
@@ -108,19 +115,29 @@ def checkpoint_dirs(tmp_path_factory):
             tokenizer, tie_word_embeddings=False, text_overrides=TEXT_OVERRIDES, image_sensitive=True, seed=1
         )
         native = write_native_checkpoint(root / "native", untied)
-        processor.tokenizer.save_pretrained(native)
-        (native / "chat_template.jinja").unlink()  # the tokenizer's text-only one; the processor's is ours
+        side = untied.config.vision_config.image_size
+        transformers.LlavaProcessor(
+            image_processor=transformers.CLIPImageProcessor(
+                size={"shortest_edge": side}, crop_size={"height": side, "width": side}, image_mean=[0.0] * 3,
+                image_std=[1.0] * 3,
+            ),
+            tokenizer=processor.tokenizer,
+            patch_size=untied.config.vision_config.patch_size,
+            vision_feature_select_strategy="full",
+            chat_template=processor.chat_template,
+        ).save_pretrained(native)  # fmt: skip
         dirs[checkpoints.TRANSFORMERS] = native
     return dirs
 
 
 @pytest.fixture(scope="module")
 def expected(checkpoint_dirs):
-    """transformers' greedy results per layout: the first batch prompt, then every batch prompt one at a time."""
+    """transformers' greedy results per layout, each prompt of `BATCH` on its own, with the checkpoint's processor
+    (Apple's padding for Apple's layout: had vLLM cropped the images instead, its tokens would differ)."""
     results = {}
     for layout, directory in checkpoint_dirs.items():
         model = FastVLMForConditionalGeneration.from_pretrained(directory, dtype=torch.float32).eval()
-        processor = FastVLMProcessor.from_pretrained(directory)  # AutoProcessor picks transformers' for `fast_vlm`
+        processor = AutoProcessor.from_pretrained(directory)
         results[layout] = []
         for text, image_indices in BATCH:
             prompt, images = chat_prompt(processor, len(image_indices), text), [IMAGES[i] for i in image_indices]
@@ -158,7 +175,10 @@ def engines():
 
 def vllm_greedy(llm, requests: list[tuple[str, list]]) -> list[tuple[list[int], float]]:
     params = vllm.SamplingParams(temperature=0.0, max_tokens=NEW_TOKENS, min_tokens=NEW_TOKENS, logprobs=0)
-    prompts = [{"prompt": p, "multi_modal_data": {"image": images}} if images else {"prompt": p} for p, images in requests]
+    prompts = [
+        {"prompt": prompt, "multi_modal_data": {"image": images}} if images else {"prompt": prompt}
+        for prompt, images in requests
+    ]
     results = []
     for output in llm.generate(prompts, params, use_tqdm=False):
         completion = output.outputs[0]
