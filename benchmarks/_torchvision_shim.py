@@ -18,7 +18,8 @@ if _spec is not None and _spec.submodule_search_locations:
     try:
         torch.ops.load_library(glob.glob(os.path.join(next(iter(_spec.submodule_search_locations)), "_C*.so"))[0])
     except (OSError, IndexError):
-        _library = torch.library.Library("torchvision", "DEF")  # the schemas live as long as this object
-        _library.define("nms(Tensor dets, Tensor scores, float iou_threshold) -> Tensor")
-        _library.define("qnms(Tensor dets, Tensor scores, float iou_threshold) -> Tensor")
+        if not hasattr(torch.ops.torchvision, "nms"):  # not defined by an earlier run in this process
+            _library = torch.library.Library("torchvision", "DEF")  # the schemas live as long as this object
+            _library.define("nms(Tensor dets, Tensor scores, float iou_threshold) -> Tensor")
+            _library.define("qnms(Tensor dets, Tensor scores, float iou_threshold) -> Tensor")
         APPLIED = True

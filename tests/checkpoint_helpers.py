@@ -26,13 +26,15 @@ CHATML_TEMPLATE = (  # a text-only ChatML template on the tokenizer, like Qwen2-
 )
 
 
-def build_reference_model(tokenizer, tie_word_embeddings=True, vision_config=TINY_VISION_CONFIG, seed=0):
+def build_reference_model(
+    tokenizer, tie_word_embeddings=True, vision_config=TINY_VISION_CONFIG, seed=0, text_overrides=None
+):
     """Our model with weights whose image reaches the logits, in bf16-representable values (a bf16 checkpoint of it
     holds exactly its tensors)."""
     text_config = tiny_text_config(len(tokenizer) + SPARE_VOCAB_ROWS, tie_word_embeddings=tie_word_embeddings)
     config = FastVLMConfig(
         vision_config=vision_config,
-        text_config={**text_config, "rope_theta": ROPE_THETA},
+        text_config={**text_config, "rope_theta": ROPE_THETA, **(text_overrides or {})},
         image_token_id=len(tokenizer),  # where `<image>` lands when added to the tokenizer
     )
     torch.manual_seed(seed)

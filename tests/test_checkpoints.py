@@ -23,6 +23,7 @@ from checkpoint_helpers import (
 from PIL import Image
 from safetensors import safe_open
 from transformers import (
+    AutoTokenizer,
     AutoConfig,
     AutoModel,
     AutoModelForCausalLM,
@@ -39,6 +40,8 @@ from fastvlm_hf import (
     FastVLMProcessor,
     checkpoints,
 )
+from fastvlm_hf.compat import IS_TRANSFORMERS_5
+from fastvlm_hf.configuration_fastvlm import FastVLMTransformersConfig
 from fastvlm_hf.processing_fastvlm import DEFAULT_CHAT_TEMPLATE
 
 
@@ -119,6 +122,21 @@ def test_key_mapping_renames_alike_whether_patterns_apply_once_or_in_turn(refere
     assert [in_turn(key) for key in foreign] == list(ours)
 
 
+@pytest.mark.skipif(not IS_TRANSFORMERS_5, reason="transformers 4.57 has no checkpoint conversion mapping")
+@pytest.mark.parametrize("layout", [checkpoints.APPLE, checkpoints.TRANSFORMERS, checkpoints.FASTVLM])
+def test_one_list_of_weight_renamings_renames_every_layout(reference_model, layout):
+    """What vLLM applies, in turn and whatever the layout: transformers' renamings of both foreign tables together."""
+    ours = reference_model.state_dict()
+    renamings = checkpoints.weight_renamings()
+
+    def in_turn(key):
+        for renaming in renamings:
+            key, _ = renaming.rename_source_key(key)
+        return key
+
+    assert [in_turn(key) for key in checkpoints.from_fastvlm_state_dict(ours, layout)] == list(ours)
+
+
 # ----------------------------------------------------------------------------------------------------------------------
 # Config translation
 
@@ -136,6 +154,7 @@ def test_apple_config_reads_into_a_fastvlm_config(apple_dir, reference_model):
     assert config.image_token_id == reference_model.config.image_token_id
     assert config.tie_word_embeddings is True
     assert "auto_map" not in config.to_dict()  # Apple's remote code is not ours to point to
+    assert config.architectures == ["FastVLMForConditionalGeneration"]  # what serving engines pick the model by
 
 
 def test_apple_config_defaults(reference_model, apple_tokenizer):
@@ -286,6 +305,14 @@ def test_processor_from_apple_checkpoint(apple_dir, apple_tokenizer, reference_m
         assert reference_model(**inputs).logits.shape[1] == inputs["input_ids"].shape[1]
 
 
+def test_processor_takes_a_given_tokenizer_and_adds_the_image_token_to_it(apple_dir, reference_model):
+    """As vLLM loads it: its own tokenizer passed in, which then knows `<image>` too."""
+    tokenizer = AutoTokenizer.from_pretrained(apple_dir)
+    processor = AutoProcessor.from_pretrained(apple_dir, tokenizer=tokenizer)
+    assert processor.tokenizer is tokenizer
+    assert tokenizer.convert_tokens_to_ids("<image>") == reference_model.config.image_token_id
+
+
 def test_processor_uses_the_checkpoints_own_chat_template(tmp_path, reference_model, apple_tokenizer):
     directory = write_apple_checkpoint(tmp_path, reference_model, apple_tokenizer)
     (directory / "chat_template.jinja").write_text("{{ messages[0]['content'] }}")
@@ -328,6 +355,14 @@ def test_native_checkpoint_loads_with_identical_logits(native_dir, native_refere
     assert architecture(model.config.vision_config) == architecture(native_reference.config.vision_config)
     assert model.config.tie_word_embeddings is False
     assert_same_logits(model, native_reference)
+
+
+def test_native_config_reader_gives_a_fastvlm_config(native_dir, native_reference):
+    """The reader the vLLM plugin registers for `fast_vlm`, so that vLLM serves these checkpoints with our model."""
+    config = FastVLMTransformersConfig.from_dict(json.loads((native_dir / "config.json").read_text()))
+    assert type(config) is FastVLMConfig
+    assert architecture(config.vision_config) == architecture(native_reference.config.vision_config)
+    assert config.architectures == ["FastVLMForConditionalGeneration"]
 
 
 def test_native_config_with_another_tower_fails(native_dir, tmp_path):

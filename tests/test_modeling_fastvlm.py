@@ -283,6 +283,14 @@ def test_image_tokens_without_pixel_values_are_refused(tiny_model, tiny_config):
         tiny_model(input_ids=prompt_ids(tiny_config))
 
 
+@torch.no_grad()
+def test_embeddings_alone_are_taken_as_they_are(tiny_model, tiny_config):
+    # vLLM passes only `inputs_embeds`, the image features already at the image positions.
+    embeds = tiny_model.get_input_embeddings()(prompt_ids(tiny_config))
+    hidden_states = tiny_model.model.language_model(inputs_embeds=embeds).last_hidden_state
+    assert torch.equal(tiny_model(inputs_embeds=embeds).logits, tiny_model.lm_head(hidden_states))
+
+
 def image_sensitive_model(config, seed, num_hidden_layers=None):
     """A tiny FastVLM whose image reaches the logits (see `give_weights_a_working_scale`)."""
     config = copy.deepcopy(config)
@@ -352,4 +360,5 @@ def test_image_features_follow_transformers_output_conventions(tiny_model):
 
 def test_the_output_head_has_the_language_models_tensor_parallel_plan():
     # Qwen2 shards its input embedding; a tied head without a plan of its own mixes sharded and whole tensors.
+    # (test_tensor_parallel.py runs it.)
     assert FastVLMForConditionalGeneration._tp_plan == {"lm_head": Qwen2ForCausalLM._tp_plan["lm_head"]}

@@ -1,12 +1,14 @@
 """FastVLMProcessor: image-token expansion, placeholder and truncation checks, the chat template, save/load."""
 
+import typing
+
 import numpy as np
 import pytest
 import torch
 from PIL import Image
 
-from fastvlm_hf.image_processing_fastvlm import FastVLMImageProcessor
-from fastvlm_hf.processing_fastvlm import FastVLMProcessor
+from fastvlm_hf.image_processing_fastvlm import FastVLMImageProcessor, FastVLMImageProcessorKwargs
+from fastvlm_hf.processing_fastvlm import FastVLMProcessor, FastVLMProcessorKwargs
 
 SIZE = 128
 TOKENS_PER_IMAGE = (SIZE // 64) ** 2
@@ -75,6 +77,41 @@ def test_the_number_of_tokens_an_image_costs_is_what_the_call_expands(processor,
     expected = inputs["input_ids"][0].count(IMAGE_TOKEN_ID)
     assert counts.num_image_tokens == [expected, expected] and counts.num_image_patches == [1, 1]
     assert expected == (TOKENS_PER_IMAGE if size is None else (192 // 64) ** 2)
+
+
+def test_replacement_offsets_say_where_each_placeholder_went(processor, tiny_tokenizer, image):
+    # What vLLM asks for to find each image's tokens in a prompt.
+    texts = ["A <image> and <image>.", "No image.", "<image>"]
+    out = processor(
+        images=[[image, image], [], [image]], text=texts, padding=True, return_text_replacement_offsets=True,
+        return_tensors="pt",
+    )
+    offsets = out["text_replacement_offsets"]
+    assert [len(entries) for entries in offsets] == [2, 0, 1]
+    replacement = "<image>" * TOKENS_PER_IMAGE
+    for text, entries, ids in zip(texts, offsets, out["input_ids"].tolist()):
+        expanded, end = "", 0
+        for entry in entries:
+            (start, stop), (new_start, new_stop) = entry["span"], entry["new_span"]
+            assert (entry["type"], entry["text"], entry["replacement"]) == ("image", "<image>", replacement)
+            assert text[start:stop] == "<image>"
+            expanded += text[end:start] + replacement
+            assert expanded[new_start:new_stop] == replacement
+            end = stop
+        expanded += text[end:]
+        assert ids[: len(tiny_tokenizer(expanded)["input_ids"])] == tiny_tokenizer(expanded)["input_ids"]
+    assert "text_replacement_offsets" not in processor(images=[image], text="<image>")
+
+
+def test_replace_image_token_is_the_expansion_of_one_image(processor, image):
+    image_inputs = processor.image_processor([image, image], size=192)
+    assert processor.replace_image_token(image_inputs, 1) == "<image>" * 9
+
+
+def test_the_kwargs_type_hints_resolve():
+    # vLLM reads them to sort out which request options go to the processor.
+    typing.get_type_hints(FastVLMProcessorKwargs)
+    typing.get_type_hints(FastVLMImageProcessorKwargs)
 
 
 @pytest.mark.parametrize("modality", ["videos", "audio"])

@@ -95,6 +95,15 @@ def key_mapping(layout: str) -> dict[str, str]:
     return {_pattern(source): _replacement(target) for source, target in RENAMES[layout]}
 
 
+def weight_renamings() -> list:
+    """transformers' `WeightRenaming`s (5.x) that rename the keys of both foreign layouts to ours, for loaders that read
+    a model type's renames from transformers' checkpoint conversion mapping (vLLM's Transformers backend). One list
+    serves every layout: no rule matches a key of another layout, nor one it renamed."""
+    from transformers.core_model_loading import WeightRenaming
+
+    return [WeightRenaming(source, target) for layout in RENAMES for source, target in key_mapping(layout).items()]
+
+
 def _rename(key: str, rules: list[tuple[str, str]]) -> str:
     for source, target in rules:
         renamed, count = re.subn(_pattern(source), _replacement(target), key, count=1)
@@ -133,6 +142,9 @@ _APPLE_LLAVA_FIELDS = {
 }  # fmt: skip
 # Fields that describe the checkpoint as a whole; `auto_map` points at Apple's remote code, which we replace.
 _CHECKPOINT_FIELDS = {"architectures", "auto_map", "model_type", "transformers_version", "_name_or_path"}
+# What a foreign checkpoint's translated config names as its model (serving engines such as vLLM pick the
+# implementation by it): ours, `FastVLMForConditionalGeneration`.
+ARCHITECTURE = "FastVLMForConditionalGeneration"
 _SHARED_FIELDS = ("bos_token_id", "eos_token_id", "pad_token_id", "torch_dtype", "dtype")
 _APPLE_TOWER = re.compile(r"mobileclip_l_(\d+)")
 
@@ -162,6 +174,7 @@ def _from_apple_config(config: dict[str, Any]) -> dict[str, Any]:
     text_fields = {k: v for k, v in config.items() if k not in _APPLE_LLAVA_FIELDS | _CHECKPOINT_FIELDS}
     return {
         "model_type": FASTVLM,
+        "architectures": [ARCHITECTURE],
         "vision_config": vision_config.to_dict(),
         "text_config": {**text_fields, "model_type": "qwen2"},
         "image_token_id": config.get("image_token_index", DEFAULT_IMAGE_TOKEN_ID),
@@ -273,6 +286,7 @@ def _from_transformers_config(config: dict[str, Any]) -> dict[str, Any]:
     return {
         **fields,
         "model_type": FASTVLM,
+        "architectures": [ARCHITECTURE],
         "vision_config": _vision_config_from_timm(config.get("vision_config") or {}).to_dict(),
         "image_token_id": config.get("image_token_index", DEFAULT_IMAGE_TOKEN_ID),
         "projector_bias": config.get("multimodal_projector_bias", True),

@@ -6,7 +6,7 @@ from typing import Any
 
 from transformers import AutoConfig, CONFIG_MAPPING
 
-from .checkpoints import APPLE, fastvlm_config_dict
+from .checkpoints import APPLE, TRANSFORMERS, fastvlm_config_dict
 from .compat import PretrainedConfig
 from .configuration_fastvithd import FastViTHDConfig
 
@@ -106,7 +106,14 @@ class FastVLMConfig(PretrainedConfig):
         return fastvlm_config_dict(config_dict), kwargs
 
 
-class FastVLMLlavaQwen2Config(FastVLMConfig):
+class _ForeignConfigReader(FastVLMConfig):
+    """Reads the `config.json` of the foreign layout named by `model_type` into a plain [`FastVLMConfig`]."""
+
+    def __new__(cls, **kwargs) -> FastVLMConfig:
+        return FastVLMConfig(**fastvlm_config_dict({**kwargs, "model_type": cls.model_type}))
+
+
+class FastVLMLlavaQwen2Config(_ForeignConfigReader):
     r"""
     Reader of Apple's `config.json` for FastVLM (`model_type: "llava_qwen2"`, as in `apple/FastVLM-0.5B`): the Qwen2
     fields and LLaVA's `mm_*` fields side by side, the vision tower implied by its name (`mm_vision_tower:
@@ -128,5 +135,15 @@ class FastVLMLlavaQwen2Config(FastVLMConfig):
 
     model_type = APPLE
 
-    def __new__(cls, **kwargs) -> FastVLMConfig:
-        return FastVLMConfig(**fastvlm_config_dict({**kwargs, "model_type": APPLE}))
+
+class FastVLMTransformersConfig(_ForeignConfigReader):
+    r"""
+    Reader of the `config.json` of transformers' native FastVLM (`model_type: "fast_vlm"`, a timm `fastvit_mci3`
+    vision config): building one gives a plain [`FastVLMConfig`].
+
+    transformers owns the `fast_vlm` model type, so `import fastvlm_hf` does not register this reader (load such
+    checkpoints with `FastVLMForConditionalGeneration.from_pretrained`); the vLLM plugin does, so that vLLM serves them
+    with this package's model.
+    """
+
+    model_type = TRANSFORMERS

@@ -4,6 +4,7 @@ import os
 from typing import Any
 
 import numpy as np
+import torch  # noqa: F401  (resolves the "torch.device" hints of the kwargs TypedDicts below)
 from PIL import Image
 from transformers.image_processing_utils import BaseImageProcessor, BatchFeature
 from transformers.image_utils import ChannelDimension, PILImageResampling, load_image

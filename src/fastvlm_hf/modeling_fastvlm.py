@@ -265,8 +265,10 @@ class FastVLMModel(FastVLMPreTrainedModel):
         sequence; a batch can only drop all of its images.
         """
         if pixel_values is None:
-            # Decoding steps (the only steps that run compiled) skip this check and its device sync.
-            if not torch.compiler.is_compiling() and not _cached_length(cache):
+            # Decoding steps (the only steps that run compiled) skip this check and its device sync, and so do callers
+            # that pass only `inputs_embeds`: they placed what they meant at every position (vLLM scatters the image
+            # features there itself).
+            if input_ids is not None and not torch.compiler.is_compiling() and not _cached_length(cache):
                 num_image_tokens = int(self.image_token_mask(input_ids, inputs_embeds).sum())
                 if num_image_tokens:
                     raise ValueError(

@@ -1,7 +1,9 @@
 """Processor for FastVLM: a Qwen2 tokenizer, a [`FastVLMImageProcessor`] and a ChatML chat template."""
 
+import re
 from typing import Any
 
+import torch  # noqa: F401  (resolves the "torch.device" hints of the kwargs TypedDicts below)
 from tokenizers import AddedToken
 from transformers import AutoTokenizer
 from transformers.feature_extraction_utils import BatchFeature
@@ -15,7 +17,9 @@ from .compat import PROCESSOR_CLASS_ATTRIBUTES
 from .image_processing_fastvlm import FastVLMImageProcessor, FastVLMImageProcessorKwargs, flatten_images, size_dict
 
 # ChatML, as Apple's `qwen_2` conversation: a default system message when the conversation has none; in each message
-# the images first, as consecutive `<image>` placeholders, then a newline and the text parts, one per line.
+# the images first, as consecutive `<image>` placeholders, then a newline and the text parts, one per line. The content
+# parts are read in a loop over `message['content']`, which is how vLLM recognises a template that takes them as they
+# are (its "openai" content format), images included.
 DEFAULT_CHAT_TEMPLATE = r"""{%- if messages[0]['role'] != 'system' -%}
 {{- '<|im_start|>system\nYou are a helpful assistant.<|im_end|>\n' -}}
 {%- endif -%}
@@ -24,13 +28,19 @@ DEFAULT_CHAT_TEMPLATE = r"""{%- if messages[0]['role'] != 'system' -%}
 {%- if message['content'] is string -%}
 {{- message['content'] -}}
 {%- else -%}
-{%- set images = message['content'] | selectattr('type', 'equalto', 'image') | list -%}
-{%- set texts = message['content'] | selectattr('type', 'equalto', 'text') | map(attribute='text') | list -%}
-{{- '<image>' * (images | length) -}}
-{%- if images and texts -%}
+{%- set parts = namespace(images=0, texts=[]) -%}
+{%- for part in message['content'] -%}
+{%- if part['type'] == 'image' -%}
+{%- set parts.images = parts.images + 1 -%}
+{%- elif part['type'] == 'text' -%}
+{%- set parts.texts = parts.texts + [part['text']] -%}
+{%- endif -%}
+{%- endfor -%}
+{{- '<image>' * parts.images -}}
+{%- if parts.images and parts.texts -%}
 {{- '\n' -}}
 {%- endif -%}
-{{- texts | join('\n') -}}
+{{- parts.texts | join('\n') -}}
 {%- endif -%}
 {{- '<|im_end|>\n' -}}
 {%- endfor -%}
@@ -98,16 +108,20 @@ class FastVLMProcessor(ProcessorMixin):
         added to the tokenizer as a special token where missing, and must get the id the model's config expects (the
         model's embeddings have spare rows for it, nothing is resized); the chat template is ours unless the checkpoint
         has a processor chat template (`chat_template.jinja`) of its own.
+
+        A `tokenizer` or `image_processor` passed in is used instead of the checkpoint's, as transformers' processors
+        do; a tokenizer without `<image>` gets it added in place.
         """
         config_dict = checkpoints.read_config_dict(pretrained_model_name_or_path, **kwargs)
         if checkpoints.layout_of(config_dict) == checkpoints.FASTVLM:
             return super().from_pretrained(pretrained_model_name_or_path, **kwargs)
+        tokenizer, image_processor = kwargs.pop("tokenizer", None), kwargs.pop("image_processor", None)
+        if tokenizer is None:
+            tokenizer = AutoTokenizer.from_pretrained(pretrained_model_name_or_path, **kwargs)
+        if image_processor is None:
+            image_processor = FastVLMImageProcessor.from_pretrained(pretrained_model_name_or_path, **kwargs)
         processor_dict, _ = cls.get_processor_dict(pretrained_model_name_or_path, **kwargs)
-        processor = cls(
-            image_processor=FastVLMImageProcessor.from_pretrained(pretrained_model_name_or_path, **kwargs),
-            tokenizer=AutoTokenizer.from_pretrained(pretrained_model_name_or_path, **kwargs),
-            chat_template=processor_dict.get("chat_template"),
-        )
+        processor = cls(image_processor, tokenizer, chat_template=processor_dict.get("chat_template"))
         image_token_id = checkpoints.fastvlm_config_dict(config_dict)["image_token_id"]
         _add_image_token(processor.tokenizer, processor.image_token, image_token_id)
         return processor
@@ -144,6 +158,12 @@ class FastVLMProcessor(ProcessorMixin):
         num_images = len(image_sizes)
         return MultiModalData(num_image_tokens=[tokens_per_image] * num_images, num_image_patches=[1] * num_images)
 
+    def replace_image_token(self, image_inputs: dict, image_idx: int, **kwargs) -> str:
+        """The text that the placeholder of image `image_idx` of `image_inputs` (the image processor's output)
+        becomes: one image token per cell of the encoder's output map."""
+        height, width = image_inputs["pixel_values"][image_idx].shape[-2:]
+        return self.image_token * self.num_image_tokens(height, width)
+
     def __call__(
         self,
         images: ImageInput | None = None,
@@ -162,16 +182,21 @@ class FastVLMProcessor(ProcessorMixin):
             **kwargs:
                 Tokenizer arguments (`padding`, `padding_side`, `truncation`, `max_length`, `return_tensors`,
                 `add_special_tokens`, ...) and image-processor arguments (`image_mode`, `size`, ...).
+                `return_text_replacement_offsets=True` also returns where each placeholder went.
 
         Returns:
             [`BatchFeature`] with `input_ids` and `attention_mask` when `text` is given, and `pixel_values` when
-            `images` are.
+            `images` are. With `return_text_replacement_offsets`, `text_replacement_offsets`: per text, one dict per
+            placeholder, in order, as transformers' processors give them: `"type"` (`"image"`), `"span"` (its
+            characters in the text), `"new_span"` (the characters of its replacement in the expanded text), `"text"`
+            and `"replacement"`.
         """
         for modality in ("videos", "audio"):
             if kwargs.pop(modality, None) is not None:
                 raise ValueError(f"FastVLM takes only images and text; got {modality}.")
         if images is None and text is None:
             raise ValueError("Nothing to process: pass `text`, `images` or both.")
+        return_offsets = kwargs.pop("return_text_replacement_offsets", False)
 
         output_kwargs = self._merge_kwargs(
             FastVLMProcessorKwargs, tokenizer_init_kwargs=self.tokenizer.init_kwargs, **kwargs
@@ -187,19 +212,47 @@ class FastVLMProcessor(ProcessorMixin):
                     raise TypeError(f"`text` must be a string or a list of strings, got a {type(sample).__name__}.")
             self._check_placeholders(images, texts)
 
-        data = {}
+        data, offsets = {}, None
         if images is not None:
             data["pixel_values"] = self.image_processor(images, **output_kwargs["images_kwargs"])["pixel_values"]
         if texts is not None:
-            tokens_per_image = self.num_image_tokens(*data["pixel_values"].shape[-2:]) if images is not None else 0
-            texts = [sample.replace(self.image_token, self.image_token * tokens_per_image) for sample in texts]
+            texts, offsets = self._expand_placeholders(texts, data)
             text_inputs = self.tokenizer(texts, **output_kwargs["text_kwargs"])
             if images is not None:
                 self._check_image_tokens_kept(texts, text_inputs["input_ids"], output_kwargs["text_kwargs"])
             text_inputs.pop("token_type_ids", None)
             data.update(text_inputs)
 
-        return BatchFeature(data=data, tensor_type=return_tensors)
+        output = BatchFeature(data=data, tensor_type=return_tensors)
+        if return_offsets and offsets is not None:
+            output["text_replacement_offsets"] = offsets  # after the tensor conversion, which it is not for
+        return output
+
+    def _expand_placeholders(self, texts: list[str], image_inputs: dict) -> tuple[list[str], list[list[dict]]]:
+        """The texts with each `<image>` replaced by its image tokens (the images in order across the texts), and
+        where each replacement went."""
+        expanded, offsets, image_idx = [], [], 0
+        for sample in texts:
+            pieces, sample_offsets, end, growth = [], [], 0, 0
+            for match in re.finditer(re.escape(self.image_token), sample):
+                replacement = self.replace_image_token(image_inputs, image_idx)
+                image_idx += 1
+                start = match.start() + growth
+                sample_offsets.append(
+                    {
+                        "type": "image",
+                        "span": match.span(),
+                        "new_span": (start, start + len(replacement)),
+                        "text": match.group(),
+                        "replacement": replacement,
+                    }
+                )
+                pieces += [sample[end : match.start()], replacement]
+                growth += len(replacement) - len(match.group())
+                end = match.end()
+            expanded.append("".join(pieces) + sample[end:])
+            offsets.append(sample_offsets)
+        return expanded, offsets
 
     def _check_placeholders(self, images: Any, texts: list[str]) -> None:
         """Raises unless every image has its own `<image>` placeholder, per text when images are given per text."""
@@ -219,10 +272,13 @@ class FastVLMProcessor(ProcessorMixin):
                         f"text per image."
                     )
             return
-        n_images = 0 if images is None else len(flatten_images(images))
-        if n_images != sum(placeholders):
+        self.check_placeholder_count(0 if images is None else len(flatten_images(images)), sum(placeholders))
+
+    def check_placeholder_count(self, num_images: int, num_placeholders: int) -> None:
+        """Raises unless there are as many `<image>` placeholders in a prompt as images."""
+        if num_images != num_placeholders:
             raise ValueError(
-                f"{_count(n_images, 'image')} but {_count(sum(placeholders), f'`{self.image_token}` placeholder')} "
+                f"{_count(num_images, 'image')} but {_count(num_placeholders, f'`{self.image_token}` placeholder')} "
                 f"in the text: put one placeholder in the text per image."
             )
 

@@ -1,0 +1,1 @@
+"""Integrations of FastVLM with serving engines; each module is loaded by the engine itself, never at import."""
