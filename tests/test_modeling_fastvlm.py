@@ -362,3 +362,32 @@ def test_the_output_head_has_the_language_models_tensor_parallel_plan():
     # Qwen2 shards its input embedding; a tied head without a plan of its own mixes sharded and whole tensors.
     # (test_tensor_parallel.py runs it.)
     assert FastVLMForConditionalGeneration._tp_plan == {"lm_head": Qwen2ForCausalLM._tp_plan["lm_head"]}
+
+
+class JoinRecorder(torch.overrides.TorchFunctionMode):
+    """Records the (device, dtype) of the text embeddings and of the image features at each `masked_scatter`."""
+
+    def __init__(self):
+        super().__init__()
+        self.joins = []
+
+    def __torch_function__(self, func, types, args=(), kwargs=None):
+        kwargs = kwargs or {}
+        if func is torch.Tensor.masked_scatter:
+            embeds, mask, source = args[:3]
+            self.joins.append({(t.device.type, t.dtype) for t in (embeds, source)} | {(mask.device.type, None)})
+        return func(*args, **kwargs)
+
+
+@torch.no_grad()
+def test_image_features_move_to_the_text_embeddings_device_and_dtype(tiny_config):
+    # A language model on another device than the tower (a device map): here the meta device, in bfloat16, and the
+    # tower on the CPU in float32. Meta tensors take operands from any device, so the join is checked by recording.
+    model = FastVLMForConditionalGeneration(copy.deepcopy(tiny_config)).eval()
+    model.model.language_model.to("meta", torch.bfloat16)
+    model.lm_head.to("meta", torch.bfloat16)
+    recorder = JoinRecorder()
+    with recorder:
+        logits = model(input_ids=prompt_ids(tiny_config), pixel_values=pixels()).logits
+    assert logits.device.type == "meta"
+    assert recorder.joins == [{("meta", torch.bfloat16), ("meta", None)}]

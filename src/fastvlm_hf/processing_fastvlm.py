@@ -268,18 +268,25 @@ class FastVLMProcessor(ProcessorMixin):
                 if n_images != n_placeholders:
                     raise ValueError(
                         f"Text {index} has {_count(n_images, 'image')} but "
-                        f"{_count(n_placeholders, f'`{self.image_token}` placeholder')}: put one placeholder in the "
-                        f"text per image."
+                        f"{_count(n_placeholders, f'`{self.image_token}` placeholder')}: {self._one_per_image}"
                     )
             return
         self.check_placeholder_count(0 if images is None else len(flatten_images(images)), sum(placeholders))
+
+    @property
+    def _one_per_image(self) -> str:
+        # the sentence transformers' processors end this error with, which its common tests look for
+        return (
+            f"the number of `{self.image_token}` tokens in the prompts should be the same as the number of images "
+            "(one placeholder per image)."
+        )
 
     def check_placeholder_count(self, num_images: int, num_placeholders: int) -> None:
         """Raises unless there are as many `<image>` placeholders in a prompt as images."""
         if num_images != num_placeholders:
             raise ValueError(
                 f"{_count(num_images, 'image')} but {_count(num_placeholders, f'`{self.image_token}` placeholder')} "
-                f"in the text: put one placeholder in the text per image."
+                f"in the text: {self._one_per_image}"
             )
 
     def _check_image_tokens_kept(self, texts: list[str], input_ids: list[list[int]], text_kwargs: dict) -> None:
