@@ -46,6 +46,9 @@ def main() -> None:
         }
     if int(os.environ["RANK"]) == 0:
         torch.save(results, output_path)
+    # Both ranks leave the process group together: a rank exiting with gloo's threads still up can abort.
+    torch.distributed.barrier()
+    torch.distributed.destroy_process_group()
 
 
 if __name__ == "__main__":
