@@ -263,6 +263,24 @@ def test_to_transformers_on_4x_says_it_needs_transformers_5(tmp_path, apple_dir,
     assert not (tmp_path / "out").exists()  # refused before loading anything
 
 
+@pytest.mark.parametrize("torchvision", ["installed", "missing"])
+def test_convert_prints_no_warning_about_torchvision(tmp_path, apple_tokenizer, torchvision):
+    """FastVLM's processor needs no torchvision, and neither does the CLIP processor written for transformers' layout:
+    transformers' warnings about it, with torchvision or without, would tell the user nothing."""
+    model = build_reference_model(apple_tokenizer, vision_config=NATIVE_VISION_CONFIG)
+    ours = tmp_path / "ours"  # this package's layout: a processor config, read through AutoImageProcessor
+    conversion.convert(str(write_apple_checkpoint(tmp_path / "apple", model, apple_tokenizer)), ours)
+    hide = "sys.modules['torchvision'] = None\n" if torchvision == "missing" else ""
+    code = f"import sys\n{hide}from fastvlm_hf.cli import main\nsys.exit(main(sys.argv[1:]))\n"
+    to = "transformers" if hasattr(transformers, "FastVlmConfig") else "apple"
+    result = subprocess.run(
+        [sys.executable, "-c", code, "convert", str(ours), str(tmp_path / "out"), "--to", to, "--verify"],
+        capture_output=True, text=True, timeout=300, env={**os.environ, "HF_HUB_OFFLINE": "1"},
+    )  # fmt: skip
+    assert result.returncode == 0, result.stderr
+    assert "Verified" in result.stderr and "torchvision" not in result.stderr.lower()
+
+
 def test_the_conversion_script_runs_the_convert_command(tmp_path, apple_dir):
     result = subprocess.run(
         [sys.executable, str(_SCRIPT), str(apple_dir), str(tmp_path / "out"), "--max-shard-size", "100KB"],

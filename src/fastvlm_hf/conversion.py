@@ -38,7 +38,7 @@ from huggingface_hub import HfApi, split_torch_state_dict_into_shards
 from huggingface_hub.utils import tqdm
 from PIL import Image
 from safetensors.torch import save_file
-from transformers import CLIPImageProcessor, GenerationConfig, LlavaProcessor
+from transformers import GenerationConfig, LlavaProcessor
 
 from . import checkpoints, model_card
 from .compat import HAS_NATIVE_FAST_VLM
@@ -153,7 +153,10 @@ def save_transformers_layout(model, processor, output: Path, max_shard_size: str
     config.save_pretrained(output)
     model.generation_config.save_pretrained(output)
     side = processor.image_processor.size["height"]
-    image_processor = CLIPImageProcessor(
+    # From transformers 5.x on, CLIPImageProcessor needs torchvision; without it the name gives CLIPImageProcessorPil,
+    # with a warning. That class writes the same processor config, with or without torchvision.
+    image_processor_class = getattr(transformers, "CLIPImageProcessorPil", None) or transformers.CLIPImageProcessor
+    image_processor = image_processor_class(
         size={"shortest_edge": side},
         crop_size={"height": side, "width": side},
         image_mean=[0.0, 0.0, 0.0],
