@@ -489,6 +489,61 @@ def test_help_lists_model_generation_and_output_options_in_their_groups(capsys, 
     assert groups["options"][:2] == ["-h", "--debug"]
 
 
+def without_torchvision_shim(env):
+    """`env` without the tests' torchvision shim, which imports torch at start-up."""
+    shim = os.path.abspath(os.path.join(os.path.dirname(__file__), "torchvision_shim"))
+    paths = [path for path in env.get("PYTHONPATH", "").split(os.pathsep) if path and os.path.abspath(path) != shim]
+    return {**env, "PYTHONPATH": os.pathsep.join(paths)}
+
+
+@pytest.mark.parametrize(
+    "argv, exit_code",
+    [(["--help"], 0), (["--version"], 0), (["predict", "--help"], 0), (["convert", "--help"], 0)],
+)  # fmt: skip
+def test_help_version_and_usage_errors_import_neither_torch_nor_transformers(argv, exit_code):
+    code = (
+        "import json, sys\n"
+        "import fastvlm_hf_cli\n"
+        "try:\n"
+        "    fastvlm_hf_cli.main(sys.argv[1:])\n"
+        "except SystemExit as exit:\n"
+        "    code = exit.code\n"
+        "print(json.dumps([code, sorted({'torch', 'transformers'} & set(sys.modules))]))\n"
+    )
+    result = subprocess.run([sys.executable, "-c", code, *argv], capture_output=True, text=True, timeout=120,
+                            env=without_torchvision_shim(os.environ))  # fmt: skip
+    assert result.returncode == 0, result.stderr
+    *printed, last = result.stdout.splitlines()
+    assert json.loads(last) == [exit_code, []]
+    if argv[-1] == "--help":
+        assert printed[0].startswith("usage: fastvlm-hf")
+    else:
+        assert printed[0].startswith("fastvlm-hf ")
+
+
+def test_the_entry_point_runs_commands_with_the_package_registered(checkpoint, reference, image_path):
+    after_help = (
+        "import sys\n"
+        "import fastvlm_hf_cli\n"
+        "try:\n"
+        "    fastvlm_hf_cli.main(['--help'])\n"
+        "except SystemExit:\n"
+        "    pass\n"
+        "import fastvlm_hf\n"
+        "from transformers import AutoConfig\n"
+        "assert type(AutoConfig.for_model('fastvlm')) is fastvlm_hf.FastVLMConfig\n"
+    )
+    result = subprocess.run([sys.executable, "-c", after_help], capture_output=True, text=True, timeout=300)
+    assert result.returncode == 0, result.stderr
+
+    result = subprocess.run(
+        [sys.executable, "-m", "fastvlm_hf_cli", *predict_args(checkpoint, image_path)],
+        check=False, capture_output=True, timeout=300, env={**os.environ, "HF_HUB_OFFLINE": "1"},
+    )  # fmt: skip
+    assert result.returncode == 0, result.stderr.decode()
+    assert result.stdout == (expected_answer(reference, [image_path], PROMPT, 6) + "\n").encode()
+
+
 # --------------------------------------------------------------------------------------------------
 # Device and dtype choices
 
