@@ -5,6 +5,8 @@ import io
 import json
 import os
 import re
+import shutil
+import socket
 import subprocess
 import sys
 import threading
@@ -542,6 +544,55 @@ def test_the_entry_point_runs_commands_with_the_package_registered(checkpoint, r
     )  # fmt: skip
     assert result.returncode == 0, result.stderr.decode()
     assert result.stdout == (expected_answer(reference, [image_path], PROMPT, 6) + "\n").encode()
+
+
+# --------------------------------------------------------------------------------------------------
+# The Hub out of reach
+
+
+def unreachable_hub(tmp_path):
+    """The environment of a command whose Hub refuses every connection and whose Hugging Face cache is empty."""
+    with socket.socket() as probe:
+        probe.bind(("127.0.0.1", 0))
+        port = probe.getsockname()[1]  # free, and closed once the socket is
+    env = {name: value for name, value in os.environ.items() if name not in {"HF_HUB_OFFLINE", "HF_HUB_CACHE", "HUGGINGFACE_HUB_CACHE"}}  # fmt: skip
+    python_path = os.pathsep.join(os.path.abspath(path) for path in env.get("PYTHONPATH", "").split(os.pathsep) if path)
+    # absolute: the command runs in `tmp_path`
+    return {**env, "PYTHONPATH": python_path, "HF_ENDPOINT": f"http://127.0.0.1:{port}", "HF_HOME": str(tmp_path / "hf-home")}  # fmt: skip
+
+
+@pytest.mark.parametrize("model", ["apple/FastVLM-0.5B", "checkpoints/fastvlm"])
+def test_an_unreachable_hub_ends_the_wait_at_once_with_one_line(model, image_path, tmp_path):
+    # `checkpoints/fastvlm`: a folder meant, but neither it nor `checkpoints` exists, so it reads as a Hub id too
+    result = subprocess.run(
+        [sys.executable, "-m", "fastvlm_hf.cli", "predict", "--model", model, "--image", str(image_path), "--prompt", "hi"],
+        cwd=tmp_path, capture_output=True, text=True, timeout=300, env=unreachable_hub(tmp_path),
+    )  # fmt: skip
+    assert result.returncode == 1
+    loading, *rest = result.stderr.strip().splitlines()
+    assert loading.startswith(f"Loading model {model} on ")
+    assert rest == [
+        f"fastvlm-hf: error: cannot download model {model!r} (no connection to the Hugging Face Hub?): it is neither in "
+        "the local cache nor a local folder; connect once to download it, or pass a local folder with --model PATH "
+        "(HF_HUB_OFFLINE=1 then uses the cache only)"
+    ]  # nothing between: no retries
+
+
+def test_an_unreachable_hub_loads_a_cached_model_at_once(checkpoint, reference, image_path, tmp_path):
+    repo = tmp_path / "hf-home" / "hub" / "models--nobody--tiny-fastvlm"
+    revision = "0" * 40
+    shutil.copytree(checkpoint, repo / "snapshots" / revision)
+    (repo / "refs").mkdir()
+    (repo / "refs" / "main").write_text(revision)
+    result = subprocess.run(
+        [sys.executable, "-m", "fastvlm_hf.cli", *predict_args("nobody/tiny-fastvlm", image_path)],
+        cwd=tmp_path, capture_output=True, timeout=300, env=unreachable_hub(tmp_path),
+    )  # fmt: skip
+    assert result.returncode == 0, result.stderr.decode()
+    assert result.stdout == (expected_answer(reference, [image_path], PROMPT, 6) + "\n").encode()
+    stderr = result.stderr.decode()
+    assert "No connection to the Hugging Face Hub" in stderr and "using the cached nobody/tiny-fastvlm" in stderr
+    assert "Retry" not in stderr and "thrown while requesting" not in stderr
 
 
 # --------------------------------------------------------------------------------------------------
