@@ -479,7 +479,7 @@ def options_by_group(help_text):
                      "output options": ["--stats", "--json"]}),
         ("chat", {"model options": MODEL_OPTIONS, "generation options": GENERATION_OPTIONS}),
         ("bench", {"model options": MODEL_OPTIONS, "generation options": ["--max-new-tokens"]}),
-        ("convert", {"output options": ["--to", "--dtype", "--max-shard-size", "--push-to-hub"]}),
+        ("convert", {"output options": ["--to", "--dtype", "--max-shard-size", "--overwrite", "--push-to-hub"]}),
     ],
 )  # fmt: skip
 def test_help_lists_model_generation_and_output_options_in_their_groups(capsys, command, expected):
@@ -500,7 +500,8 @@ def without_torchvision_shim(env):
 
 @pytest.mark.parametrize(
     "argv, exit_code",
-    [(["--help"], 0), (["--version"], 0), (["predict", "--help"], 0), (["convert", "--help"], 0)],
+    [(["--help"], 0), (["--version"], 0), (["predict", "--help"], 0), (["convert", "--help"], 0),
+     (["convert", "a", "b", "--max-shard-size", "lots"], 2)],
 )  # fmt: skip
 def test_help_version_and_usage_errors_import_neither_torch_nor_transformers(argv, exit_code):
     code = (
@@ -519,8 +520,10 @@ def test_help_version_and_usage_errors_import_neither_torch_nor_transformers(arg
     assert json.loads(last) == [exit_code, []]
     if argv[-1] == "--help":
         assert printed[0].startswith("usage: fastvlm-hf")
-    else:
+    elif argv == ["--version"]:
         assert printed[0].startswith("fastvlm-hf ")
+    else:
+        assert result.stderr.splitlines()[-1].endswith("--max-shard-size: not a size: 'lots'; write bytes, or e.g. 500MB or 5GB")  # fmt: skip
 
 
 def test_the_entry_point_runs_commands_with_the_package_registered(checkpoint, reference, image_path):
