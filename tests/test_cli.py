@@ -506,6 +506,7 @@ def without_torchvision_shim(env):
 def test_help_version_and_usage_errors_import_neither_torch_nor_transformers(argv, exit_code):
     code = (
         "import json, sys\n"
+        "sys.modules['torchvision'] = None\n"  # without the shim it may not import: keep a regression to the assert
         "import fastvlm_hf_cli\n"
         "try:\n"
         "    fastvlm_hf_cli.main(sys.argv[1:])\n"
