@@ -118,7 +118,7 @@ def from_cache_only(model_id: str, local_hint: str = LOCAL_HINT) -> bool:
         return False
     except Exception as error:  # no answer; the HTTP client's errors differ between huggingface_hub releases
         if isinstance(try_to_load_from_cache(model_id, "config.json"), str):
-            status(f"No connection to the Hugging Face Hub ({first_line(error)}): using the cached {model_id}.")
+            status(f"No connection to the Hugging Face Hub: using the cached copy of {model_id}.")
             return True
         raise CLIError(no_connection(model_id, local_hint)) from error
     return False
