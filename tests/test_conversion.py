@@ -377,6 +377,15 @@ def test_convert_refuses_an_existing_folder_unless_overwrite(tmp_path, apple_dir
     assert_same_logits(FastVLMForConditionalGeneration.from_pretrained(output, dtype=torch.float32), reference_model)
 
 
+def test_convert_writes_into_an_empty_working_directory_and_keeps_it(tmp_path, apple_dir, monkeypatch):
+    here = tmp_path / "here"
+    here.mkdir()
+    monkeypatch.chdir(here)
+    assert main(["convert", str(apple_dir), "."]) == 0
+    assert Path.cwd() == here and (here / "config.json").exists() and (here / "README.md").exists()
+    assert [path.name for path in tmp_path.iterdir()] == ["here"]
+
+
 @pytest.mark.parametrize(
     "output, relation",
     [("{source}", "is"), ("{source}/", "is"), ("{source}/sub", "is inside"), ("{source}/..", "holds"), (".", "holds")],

@@ -139,7 +139,8 @@ def check_output(source: str, output: Path, overwrite: bool = False) -> None:
 def complete_or_nothing(output: Path):
     """A new hidden folder beside `output` to write into, which becomes `output` (replacing what was there) once the
     block ends, or is removed with the parent folders made for it when the block raises or is interrupted."""
-    missing_parents = [parent for parent in output.absolute().parents if not parent.exists()]
+    output = Path(os.path.abspath(output))  # "." and ".." have no name to put beside
+    missing_parents = [parent for parent in output.parents if not parent.exists()]
     output.parent.mkdir(parents=True, exist_ok=True)
     folder = output.with_name(f".{output.name}.partial-{secrets.token_hex(4)}")
     folder.mkdir()
@@ -157,6 +158,11 @@ def complete_or_nothing(output: Path):
 def _replace(output: Path, folder: Path) -> None:
     if not (output.exists() or output.is_symlink()):
         folder.rename(output)
+        return
+    if output.is_dir() and not any(output.iterdir()):  # kept, as it may be the working directory
+        for entry in folder.iterdir():
+            entry.rename(output / entry.name)
+        folder.rmdir()
         return
     old = output.with_name(f".{output.name}.old-{secrets.token_hex(4)}")
     output.rename(old)
