@@ -5,6 +5,8 @@ import io
 import json
 import os
 import re
+import shutil
+import socket
 import subprocess
 import sys
 import threading
@@ -477,7 +479,7 @@ def options_by_group(help_text):
                      "output options": ["--stats", "--json"]}),
         ("chat", {"model options": MODEL_OPTIONS, "generation options": GENERATION_OPTIONS}),
         ("bench", {"model options": MODEL_OPTIONS, "generation options": ["--max-new-tokens"]}),
-        ("convert", {"output options": ["--to", "--dtype", "--max-shard-size", "--push-to-hub"]}),
+        ("convert", {"output options": ["--to", "--dtype", "--max-shard-size", "--overwrite", "--push-to-hub"]}),
     ],
 )  # fmt: skip
 def test_help_lists_model_generation_and_output_options_in_their_groups(capsys, command, expected):
@@ -487,6 +489,114 @@ def test_help_lists_model_generation_and_output_options_in_their_groups(capsys, 
     groups = options_by_group(capsys.readouterr().out)
     assert {title: options for title, options in groups.items() if title.endswith(" options")} == expected
     assert groups["options"][:2] == ["-h", "--debug"]
+
+
+def without_torchvision_shim(env):
+    """`env` without the tests' torchvision shim, which imports torch at start-up."""
+    shim = os.path.abspath(os.path.join(os.path.dirname(__file__), "torchvision_shim"))
+    paths = [path for path in env.get("PYTHONPATH", "").split(os.pathsep) if path and os.path.abspath(path) != shim]
+    return {**env, "PYTHONPATH": os.pathsep.join(paths)}
+
+
+@pytest.mark.parametrize(
+    "argv, exit_code",
+    [(["--help"], 0), (["--version"], 0), (["predict", "--help"], 0), (["convert", "--help"], 0),
+     (["convert", "a", "b", "--max-shard-size", "lots"], 2)],
+)  # fmt: skip
+def test_help_version_and_usage_errors_import_neither_torch_nor_transformers(argv, exit_code):
+    code = (
+        "import json, sys\n"
+        "sys.modules['torchvision'] = None\n"  # without the shim it may not import: keep a regression to the assert
+        "import fastvlm_hf_cli\n"
+        "try:\n"
+        "    fastvlm_hf_cli.main(sys.argv[1:])\n"
+        "except SystemExit as exit:\n"
+        "    code = exit.code\n"
+        "print(json.dumps([code, sorted({'torch', 'transformers'} & set(sys.modules))]))\n"
+    )
+    result = subprocess.run([sys.executable, "-c", code, *argv], capture_output=True, text=True, timeout=120,
+                            env=without_torchvision_shim(os.environ))  # fmt: skip
+    assert result.returncode == 0, result.stderr
+    *printed, last = result.stdout.splitlines()
+    assert json.loads(last) == [exit_code, []]
+    if argv[-1] == "--help":
+        assert printed[0].startswith("usage: fastvlm-hf")
+    elif argv == ["--version"]:
+        assert printed[0].startswith("fastvlm-hf ")
+    else:
+        assert result.stderr.splitlines()[-1].endswith("--max-shard-size: not a size: 'lots'; write bytes, or e.g. 500MB or 5GB")  # fmt: skip
+
+
+def test_the_entry_point_runs_commands_with_the_package_registered(checkpoint, reference, image_path):
+    after_help = (
+        "import sys\n"
+        "import fastvlm_hf_cli\n"
+        "try:\n"
+        "    fastvlm_hf_cli.main(['--help'])\n"
+        "except SystemExit:\n"
+        "    pass\n"
+        "import fastvlm_hf\n"
+        "from transformers import AutoConfig\n"
+        "assert type(AutoConfig.for_model('fastvlm')) is fastvlm_hf.FastVLMConfig\n"
+    )
+    result = subprocess.run([sys.executable, "-c", after_help], capture_output=True, text=True, timeout=300)
+    assert result.returncode == 0, result.stderr
+
+    result = subprocess.run(
+        [sys.executable, "-m", "fastvlm_hf_cli", *predict_args(checkpoint, image_path)],
+        check=False, capture_output=True, timeout=300, env={**os.environ, "HF_HUB_OFFLINE": "1"},
+    )  # fmt: skip
+    assert result.returncode == 0, result.stderr.decode()
+    assert result.stdout == (expected_answer(reference, [image_path], PROMPT, 6) + "\n").encode()
+
+
+# --------------------------------------------------------------------------------------------------
+# The Hub out of reach
+
+
+def unreachable_hub(tmp_path):
+    """The environment of a command whose Hub refuses every connection and whose Hugging Face cache is empty."""
+    with socket.socket() as probe:
+        probe.bind(("127.0.0.1", 0))
+        port = probe.getsockname()[1]  # free, and closed once the socket is
+    env = {name: value for name, value in os.environ.items() if name not in {"HF_HUB_OFFLINE", "HF_HUB_CACHE", "HUGGINGFACE_HUB_CACHE"}}  # fmt: skip
+    python_path = os.pathsep.join(os.path.abspath(path) for path in env.get("PYTHONPATH", "").split(os.pathsep) if path)
+    # absolute: the command runs in `tmp_path`
+    return {**env, "PYTHONPATH": python_path, "HF_ENDPOINT": f"http://127.0.0.1:{port}", "HF_HOME": str(tmp_path / "hf-home")}  # fmt: skip
+
+
+@pytest.mark.parametrize("model", ["apple/FastVLM-0.5B", "checkpoints/fastvlm"])
+def test_an_unreachable_hub_ends_the_wait_at_once_with_one_line(model, image_path, tmp_path):
+    # `checkpoints/fastvlm`: a folder meant, but neither it nor `checkpoints` exists, so it reads as a Hub id too
+    result = subprocess.run(
+        [sys.executable, "-m", "fastvlm_hf.cli", "predict", "--model", model, "--image", str(image_path), "--prompt", "hi"],
+        cwd=tmp_path, capture_output=True, text=True, timeout=300, env=unreachable_hub(tmp_path),
+    )  # fmt: skip
+    assert result.returncode == 1
+    loading, *rest = result.stderr.strip().splitlines()
+    assert loading.startswith(f"Loading model {model} on ")
+    assert rest == [
+        f"fastvlm-hf: error: cannot download model {model!r} (no connection to the Hugging Face Hub?): it is neither in "
+        "the local cache nor a local folder; connect once to download it, or pass a local folder with --model PATH "
+        "(HF_HUB_OFFLINE=1 then uses the cache only)"
+    ]  # nothing between: no retries
+
+
+def test_an_unreachable_hub_loads_a_cached_model_at_once(checkpoint, reference, image_path, tmp_path):
+    repo = tmp_path / "hf-home" / "hub" / "models--nobody--tiny-fastvlm"
+    revision = "0" * 40
+    shutil.copytree(checkpoint, repo / "snapshots" / revision)
+    (repo / "refs").mkdir()
+    (repo / "refs" / "main").write_text(revision)
+    result = subprocess.run(
+        [sys.executable, "-m", "fastvlm_hf.cli", *predict_args("nobody/tiny-fastvlm", image_path)],
+        cwd=tmp_path, capture_output=True, timeout=300, env=unreachable_hub(tmp_path),
+    )  # fmt: skip
+    assert result.returncode == 0, result.stderr.decode()
+    assert result.stdout == (expected_answer(reference, [image_path], PROMPT, 6) + "\n").encode()
+    stderr = result.stderr.decode()
+    assert "No connection to the Hugging Face Hub: using the cached copy of nobody/tiny-fastvlm." in stderr
+    assert "Retrying in" not in stderr and "thrown while requesting" not in stderr  # huggingface_hub's retries
 
 
 # --------------------------------------------------------------------------------------------------

@@ -3,6 +3,8 @@
 
 import json
 import os
+import shutil
+import socket
 import subprocess
 import sys
 from pathlib import Path
@@ -19,6 +21,7 @@ from checkpoint_helpers import (
     build_reference_model,
     write_apple_checkpoint,
 )
+import safetensors.torch
 from safetensors import safe_open
 from huggingface_hub import ModelCard
 from transformers import AutoConfig, AutoModelForImageTextToText, AutoProcessor, LlavaProcessor
@@ -200,6 +203,26 @@ def test_push_to_hub_uploads_the_converted_folder(tmp_path, apple_dir, monkeypat
     assert "Pushed to https://huggingface.co/someone/FastVLM-tiny" in capsys.readouterr().err
 
 
+def test_push_to_hub_without_a_connection_is_one_line_and_keeps_the_verified_folder(tmp_path, apple_dir):
+    with socket.socket() as probe:
+        probe.bind(("127.0.0.1", 0))
+        port = probe.getsockname()[1]  # free, and closed once the socket is
+    env = {name: value for name, value in os.environ.items() if name != "HF_HUB_OFFLINE"}
+    env.update(HF_ENDPOINT=f"http://127.0.0.1:{port}", HF_TOKEN="hf_not_a_real_token", HF_HOME=str(tmp_path / "hf-home"))
+    output = tmp_path / "out"
+    result = subprocess.run(
+        [sys.executable, "-m", "fastvlm_hf.cli", "convert", str(apple_dir), str(output), "--verify",
+         "--push-to-hub", "someone/FastVLM-tiny"],
+        capture_output=True, text=True, timeout=300, env=env,
+    )  # fmt: skip
+    assert result.returncode == 1
+    assert "Traceback" not in result.stderr
+    [error] = [line for line in result.stderr.splitlines() if "error" in line.lower()]
+    assert error.startswith(f"fastvlm-hf: error: cannot push {output} to 'someone/FastVLM-tiny': ")
+    assert error.endswith(f". {output} is complete and verified: push it later with `hf upload someone/FastVLM-tiny {output}`")  # fmt: skip
+    assert "Verified" in result.stderr and (output / "config.json").exists() and (output / "README.md").exists()
+
+
 def test_push_to_hub_waits_for_a_passing_verify(tmp_path, apple_dir, apple_tokenizer, monkeypatch, capsys):
     source = _write_float32_checkpoint_that_bfloat16_cannot_hold(tmp_path / "float32", apple_dir, apple_tokenizer)
     monkeypatch.setattr(conversion, "push_to_hub", lambda *args: pytest.fail("pushed an unverified conversion"))
@@ -250,10 +273,136 @@ def test_a_bin_checkpoint_with_pickled_code_is_refused(tmp_path, reference_model
     assert not marker.exists()
 
 
-def test_convert_reports_a_missing_source_in_one_line(tmp_path, capsys):
-    assert main(["convert", str(tmp_path / "missing"), str(tmp_path / "out")]) == 1
-    error = capsys.readouterr().err
-    assert error.startswith("fastvlm-hf: error: cannot convert") and error.count("\n") == 1
+@pytest.mark.parametrize("source", ["missing", "./missing", "runs/missing"])
+def test_convert_reports_a_missing_source_folder_in_one_line(tmp_path, monkeypatch, capsys, source):
+    (tmp_path / "runs").mkdir()
+    monkeypatch.chdir(tmp_path)
+    source = str(tmp_path / source) if source == "missing" else source
+    assert main(["convert", source, "out"]) == 1
+    assert capsys.readouterr().err == f"fastvlm-hf: error: source folder not found: {source}\n"
+    assert sorted(path.name for path in tmp_path.iterdir()) == ["runs"]
+
+
+def test_a_bad_max_shard_size_is_refused_before_anything_is_read(tmp_path, apple_dir, monkeypatch, capsys):
+    monkeypatch.setattr(conversion, "load_model", lambda *args, **kwargs: pytest.fail("loaded the model"))
+    with pytest.raises(SystemExit) as exit_info:
+        main(["convert", str(apple_dir), str(tmp_path / "out"), "--max-shard-size", "lots"])
+    assert exit_info.value.code == 2
+    assert capsys.readouterr().err.splitlines()[-1] == (
+        "fastvlm-hf convert: error: argument --max-shard-size: not a size: 'lots'; write bytes, or e.g. 500MB or 5GB"
+    )
+    with pytest.raises(conversion.ConversionError, match="Bad --max-shard-size 'lots'"):
+        conversion.convert(str(apple_dir), tmp_path / "out", max_shard_size="lots")
+    assert list(tmp_path.iterdir()) == []
+
+
+@pytest.mark.parametrize("text, size", [("100KB", 100_000), ("2.5gb", 2_500_000_000), ("123", 123), (" 5 MB ", 5_000_000)])
+def test_max_shard_size_reads_as_huggingface_hub_counts(text, size):
+    from fastvlm_hf.cli.options import byte_size
+
+    assert byte_size(text) == size
+
+
+def _interrupt_the_second_shard(monkeypatch):
+    """Ctrl-C while the weights are written, after the first shard."""
+    written = []
+
+    def save_file(tensors, filename, metadata=None):
+        if written:
+            raise KeyboardInterrupt
+        written.append(filename)
+        return safetensors.torch.save_file(tensors, filename, metadata=metadata)
+
+    monkeypatch.setattr(conversion, "save_file", save_file)
+
+
+def _fail(how, tmp_path, apple_dir, apple_tokenizer, monkeypatch):
+    """Options that make `convert` fail once it has started writing, and the exit code that says so."""
+    if how == "interrupted":
+        _interrupt_the_second_shard(monkeypatch)
+        return [str(apple_dir), "--max-shard-size", "100KB"], 130
+    if how == "--to transformers on another tower":  # the tiny tower's attention head is not timm's
+        if not hasattr(transformers, "FastVlmConfig"):
+            pytest.skip("transformers 4.x refuses --to transformers before writing")
+        return [str(apple_dir), "--to", "transformers"], 1
+    source = _write_float32_checkpoint_that_bfloat16_cannot_hold(tmp_path / "float32", apple_dir, apple_tokenizer)
+    return [str(source), "--dtype", "bfloat16", "--verify"], 1
+
+
+FAILURES = ["interrupted", "--to transformers on another tower", "--verify failing"]
+
+
+@pytest.mark.parametrize("how", FAILURES)
+def test_a_failed_conversion_leaves_nothing(tmp_path, apple_dir, apple_tokenizer, monkeypatch, capsys, how):
+    options, exit_code = _fail(how, tmp_path, apple_dir, apple_tokenizer, monkeypatch)
+    output = tmp_path / "runs" / "new" / "out"  # neither `runs` nor `new` exists
+    source, *options = options
+    assert main(["convert", source, str(output), *options]) == exit_code
+    assert "Writing weights" in capsys.readouterr().err  # it failed while writing, or after
+    assert not (tmp_path / "runs").exists()
+
+
+@pytest.mark.parametrize("how", FAILURES)
+def test_overwrite_replaces_the_old_folder_only_once_the_new_one_is_complete(
+    tmp_path, apple_dir, apple_tokenizer, monkeypatch, capsys, how
+):
+    runs = tmp_path / "runs"
+    (runs / "out").mkdir(parents=True)
+    (runs / "out" / "keep.txt").write_text("the old conversion")
+    options, exit_code = _fail(how, tmp_path, apple_dir, apple_tokenizer, monkeypatch)
+    source, *options = options
+    assert main(["convert", source, str(runs / "out"), *options, "--overwrite"]) == exit_code
+    assert [path.name for path in runs.iterdir()] == ["out"]  # no half-written sibling left
+    assert [path.name for path in (runs / "out").iterdir()] == ["keep.txt"]
+    assert (runs / "out" / "keep.txt").read_text() == "the old conversion"
+
+
+def test_convert_refuses_an_existing_folder_unless_overwrite(tmp_path, apple_dir, reference_model, monkeypatch, capsys):
+    output = tmp_path / "out"
+    output.mkdir()
+    (output / "keep.txt").write_text("mine")
+    monkeypatch.setattr(conversion, "load_model", lambda *args, **kwargs: pytest.fail("loaded the model"))
+    assert main(["convert", str(apple_dir), str(output)]) == 1
+    assert capsys.readouterr().err == (
+        f"fastvlm-hf: error: {output} already exists: choose another output folder, or pass --overwrite to replace it "
+        "once the conversion is complete.\n"
+    )
+    assert [path.name for path in tmp_path.iterdir()] == ["out"]
+    assert [path.name for path in output.iterdir()] == ["keep.txt"]
+
+    monkeypatch.undo()
+    assert main(["convert", str(apple_dir), str(output), "--overwrite"]) == 0
+    assert not (output / "keep.txt").exists() and (output / "config.json").exists()
+    assert [path.name for path in tmp_path.iterdir()] == ["out"]
+    assert_same_logits(FastVLMForConditionalGeneration.from_pretrained(output, dtype=torch.float32), reference_model)
+
+
+def test_convert_writes_into_an_empty_working_directory_and_keeps_it(tmp_path, apple_dir, monkeypatch):
+    here = tmp_path / "here"
+    here.mkdir()
+    monkeypatch.chdir(here)
+    assert main(["convert", str(apple_dir), "."]) == 0
+    assert Path.cwd() == here and (here / "config.json").exists() and (here / "README.md").exists()
+    assert [path.name for path in tmp_path.iterdir()] == ["here"]
+
+
+@pytest.mark.parametrize(
+    "output, relation",
+    [("{source}", "is"), ("{source}/", "is"), ("{source}/sub", "is inside"), ("{source}/..", "holds"), (".", "holds")],
+)
+def test_convert_never_writes_into_its_source(tmp_path, apple_dir, monkeypatch, capsys, output, relation):
+    source = tmp_path / "models" / "FastVLM-tiny"
+    shutil.copytree(apple_dir, source)
+    before = {path: path.read_bytes() for path in tmp_path.rglob("*") if path.is_file()}
+    monkeypatch.chdir(source.parent)
+    output = output.format(source=source)
+    assert main(["convert", str(source), output, "--overwrite"]) == 1
+    [line] = capsys.readouterr().err.splitlines()
+    assert line == (
+        f"fastvlm-hf: error: Refusing to write {Path(output)}: it {relation} the source folder {source}; write the "
+        "conversion to a folder of its own."
+    )
+    assert {path: path.read_bytes() for path in tmp_path.rglob("*") if path.is_file()} == before
 
 
 @pytest.mark.skipif(hasattr(transformers, "FastVlmConfig"), reason="transformers 5 has a native fast_vlm")
@@ -261,6 +410,24 @@ def test_to_transformers_on_4x_says_it_needs_transformers_5(tmp_path, apple_dir,
     assert main(["convert", str(apple_dir), str(tmp_path / "out"), "--to", "transformers"]) == 1
     assert "needs transformers 5" in capsys.readouterr().err
     assert not (tmp_path / "out").exists()  # refused before loading anything
+
+
+@pytest.mark.parametrize("torchvision", ["installed", "missing"])
+def test_convert_prints_no_warning_about_torchvision(tmp_path, apple_tokenizer, torchvision):
+    """FastVLM's processor needs no torchvision, and neither does the CLIP processor written for transformers' layout:
+    transformers' warnings about it, with torchvision or without, would tell the user nothing."""
+    model = build_reference_model(apple_tokenizer, vision_config=NATIVE_VISION_CONFIG)
+    ours = tmp_path / "ours"  # this package's layout: a processor config, read through AutoImageProcessor
+    conversion.convert(str(write_apple_checkpoint(tmp_path / "apple", model, apple_tokenizer)), ours)
+    hide = "sys.modules['torchvision'] = None\n" if torchvision == "missing" else ""
+    code = f"import sys\n{hide}from fastvlm_hf.cli import main\nsys.exit(main(sys.argv[1:]))\n"
+    to = "transformers" if hasattr(transformers, "FastVlmConfig") else "apple"
+    result = subprocess.run(
+        [sys.executable, "-c", code, "convert", str(ours), str(tmp_path / "out"), "--to", to, "--verify"],
+        capture_output=True, text=True, timeout=300, env={**os.environ, "HF_HUB_OFFLINE": "1"},
+    )  # fmt: skip
+    assert result.returncode == 0, result.stderr
+    assert "Verified" in result.stderr and "torchvision" not in result.stderr.lower()
 
 
 def test_the_conversion_script_runs_the_convert_command(tmp_path, apple_dir):

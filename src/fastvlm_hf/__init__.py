@@ -9,7 +9,7 @@ from transformers import (
     AutoProcessor,
 )
 
-from .compat import UntestedTransformersWarning, warn_if_untested_transformers
+from .compat import UntestedTransformersWarning, image_processor_registration, warn_if_untested_transformers
 from .configuration_fastvithd import FastViTHDConfig
 from .configuration_fastvlm import FastVLMConfig, FastVLMLlavaQwen2Config
 from .image_processing_fastvlm import FastVLMImageProcessor
@@ -44,5 +44,5 @@ AutoModel.register(FastViTHDConfig, FastViTHDModel, exist_ok=True)
 AutoModel.register(FastVLMConfig, FastVLMModel, exist_ok=True)
 AutoModelForImageTextToText.register(FastVLMConfig, FastVLMForConditionalGeneration, exist_ok=True)
 AutoModelForCausalLM.register(FastVLMConfig, FastVLMForConditionalGeneration, exist_ok=True)  # how Apple's cards load it
-AutoImageProcessor.register(FastVLMConfig, slow_image_processor_class=FastVLMImageProcessor, exist_ok=True)
+AutoImageProcessor.register(FastVLMConfig, **image_processor_registration(FastVLMImageProcessor), exist_ok=True)
 AutoProcessor.register(FastVLMConfig, FastVLMProcessor, exist_ok=True)

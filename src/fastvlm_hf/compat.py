@@ -105,6 +105,15 @@ PROCESSOR_CLASS_ATTRIBUTES: dict[str, Any] = (
 )
 
 
+def image_processor_registration(image_processor_class: type) -> dict[str, Any]:
+    """`AutoImageProcessor.register`'s arguments for FastVLM's one image processor. From 5.23 on transformers picks an
+    image processor per backend, torchvision's first where it is installed, and warns when it falls back to PIL's; the
+    one processor serves both."""
+    if "image_processor_classes" in inspect.signature(transformers.AutoImageProcessor.register).parameters:
+        return {"image_processor_classes": {"pil": image_processor_class, "torchvision": image_processor_class}}
+    return {"slow_image_processor_class": image_processor_class}
+
+
 def tied_weights_keys(target_to_source: dict[str, str]) -> dict[str, str] | list[str]:
     """`_tied_weights_keys`: a `{target: source}` dict on 5.x, a list of targets on 4.x."""
     if IS_TRANSFORMERS_5:

@@ -20,14 +20,23 @@ export scripts are to take.
 `--verify` reloads the result and compares its float32 logits with the source's on a test image and prompt.
 `--push-to-hub REPO` uploads the folder to the Hub model repo REPO (created if missing), after `--verify` passed.
 
+The output folder appears only once complete (and verified, with `--verify`): the conversion writes a hidden sibling
+folder and renames it at the end, so that a failure or an interruption leaves nothing behind. An existing output
+folder is replaced only with `--overwrite`, and only then; an output that is, holds or lies inside the source folder
+is refused.
+
 Weights are read safely: safetensors, or `.bin` files through `torch.load(weights_only=True)` (transformers'
 `from_pretrained` default on 4.57 and 5.x, passed explicitly here), which refuses pickled objects other than tensors.
 """
 
 from __future__ import annotations
 
+import contextlib
 import json
+import os
 import pickle
+import secrets
+import shutil
 import sys
 from pathlib import Path
 
@@ -38,7 +47,7 @@ from huggingface_hub import HfApi, split_torch_state_dict_into_shards
 from huggingface_hub.utils import tqdm
 from PIL import Image
 from safetensors.torch import save_file
-from transformers import CLIPImageProcessor, GenerationConfig, LlavaProcessor
+from transformers import GenerationConfig, LlavaProcessor
 
 from . import checkpoints, model_card
 from .compat import HAS_NATIVE_FAST_VLM
@@ -60,11 +69,19 @@ def convert(
     output: str | Path,
     to: str = "fastvlm",
     dtype: str = "auto",
-    max_shard_size: str = "5GB",
+    max_shard_size: int | str = "5GB",
     repo_id: str | None = None,
-) -> None:
+    *,
+    verify: bool = False,
+    overwrite: bool = False,
+    local_files_only: bool = False,
+) -> float | None:
     """Loads `source` (any layout) and writes it to `output` in the layout `to` ("fastvlm", "transformers" or "apple"),
-    with a model card that names the model `repo_id` (default: the output folder's name)."""
+    with a model card that names the model `repo_id` (default: the output folder's name). With `verify`, the written
+    model's logits must match the source's (see `verify`, whose result this returns) before `output` appears.
+
+    `output` appears complete or not at all (see the module's documentation); it may be an empty folder, and any other
+    existing one only with `overwrite`. `local_files_only`: read a Hub `source` from the local cache only."""
     if to not in TARGETS:
         raise ConversionError(f"Unknown target layout {to!r}: choose one of {', '.join(TARGETS)}.")
     if dtype not in DTYPES:
@@ -73,22 +90,91 @@ def convert(
         raise ConversionError(
             f"--to transformers needs transformers 5.x, which has a native fast_vlm; this is {transformers.__version__}."
         )
-    model = load_model(source, DTYPES[dtype])
-    processor = FastVLMProcessor.from_pretrained(source)
-    model.generation_config = generation_config(model, processor.tokenizer)
+    try:
+        split_torch_state_dict_into_shards({}, max_shard_size=max_shard_size)  # reads the size, before any loading
+    except ValueError as error:
+        raise ConversionError(f"Bad --max-shard-size {max_shard_size!r}: {error}") from error
     output = Path(output)
-    output.mkdir(parents=True, exist_ok=True)
+    check_output(source, output, overwrite)
+    model = load_model(source, DTYPES[dtype], local_files_only=local_files_only)
+    processor = FastVLMProcessor.from_pretrained(source, local_files_only=local_files_only)
+    model.generation_config = generation_config(model, processor.tokenizer)
     savers = {"fastvlm": save_fastvlm_layout, "transformers": save_transformers_layout, "apple": save_apple_layout}
-    savers[to](model, processor, output, max_shard_size)
-    card = model_card.render(
-        model.config,
-        repo_id=repo_id or output.resolve().name,
-        source=source,
-        layout=to,
-        num_parameters=model.num_parameters(),
-        dtype=str(model.dtype).removeprefix("torch."),
-    )
-    (output / "README.md").write_text(card, encoding="utf-8")
+    with complete_or_nothing(output) as folder:
+        savers[to](model, processor, folder, max_shard_size)
+        card = model_card.render(
+            model.config,
+            repo_id=repo_id or output.resolve().name,
+            source=source,
+            layout=to,
+            num_parameters=model.num_parameters(),
+            dtype=str(model.dtype).removeprefix("torch."),
+        )
+        (folder / "README.md").write_text(card, encoding="utf-8")
+        del model  # the verification loads two more
+        return _verify(source, folder, local_files_only, name=output) if verify else None
+
+
+def check_output(source: str, output: Path, overwrite: bool = False) -> None:
+    """Refuses an `output` that would overwrite a folder without `overwrite`, or write into the source folder."""
+    if os.path.isdir(source):
+        source_path, output_path = Path(source).resolve(), output.resolve()
+        relation = (
+            "is" if output_path == source_path
+            else "is inside" if source_path in output_path.parents
+            else "holds" if output_path in source_path.parents
+            else None
+        )  # fmt: skip
+        if relation:
+            raise ConversionError(f"Refusing to write {output}: it {relation} the source folder {source}; write the "
+                                  f"conversion to a folder of its own.")  # fmt: skip
+    if output.is_dir() and not any(output.iterdir()):
+        return
+    if (output.exists() or output.is_symlink()) and not overwrite:
+        raise ConversionError(f"{output} already exists: choose another output folder, or pass --overwrite to replace "
+                              f"it once the conversion is complete.")  # fmt: skip
+
+
+@contextlib.contextmanager
+def complete_or_nothing(output: Path):
+    """A new hidden folder beside `output` to write into, which becomes `output` (replacing what was there) once the
+    block ends, or is removed with the parent folders made for it when the block raises or is interrupted."""
+    output = Path(os.path.abspath(output))  # "." and ".." have no name to put beside
+    missing_parents = [parent for parent in output.parents if not parent.exists()]
+    output.parent.mkdir(parents=True, exist_ok=True)
+    folder = output.with_name(f".{output.name}.partial-{secrets.token_hex(4)}")
+    folder.mkdir()
+    try:
+        yield folder
+        _replace(output, folder)
+    except BaseException:
+        shutil.rmtree(folder, ignore_errors=True)
+        for parent in missing_parents:  # innermost first
+            with contextlib.suppress(OSError):
+                parent.rmdir()
+        raise
+
+
+def _replace(output: Path, folder: Path) -> None:
+    if not (output.exists() or output.is_symlink()):
+        folder.rename(output)
+        return
+    if output.is_dir() and not any(output.iterdir()):  # kept, as it may be the working directory
+        for entry in folder.iterdir():
+            entry.rename(output / entry.name)
+        folder.rmdir()
+        return
+    old = output.with_name(f".{output.name}.old-{secrets.token_hex(4)}")
+    output.rename(old)
+    try:
+        folder.rename(output)
+    except BaseException:
+        old.rename(output)
+        raise
+    if old.is_dir() and not old.is_symlink():
+        shutil.rmtree(old)
+    else:
+        old.unlink()
 
 
 def load_model(source: str, dtype, **kwargs) -> FastVLMForConditionalGeneration:
@@ -132,7 +218,7 @@ def _state_dict_to_save(model) -> dict[str, torch.Tensor]:
     return state_dict
 
 
-def save_fastvlm_layout(model, processor, output: Path, max_shard_size: str) -> None:
+def save_fastvlm_layout(model, processor, output: Path, max_shard_size: int | str) -> None:
     """Weights, config and processor as `save_pretrained` writes them, in this package's layout."""
     save_sharded(_state_dict_to_save(model), output, max_shard_size)
     model.config.architectures = [type(model).__name__]
@@ -142,7 +228,7 @@ def save_fastvlm_layout(model, processor, output: Path, max_shard_size: str) -> 
     processor.save_pretrained(output)
 
 
-def save_transformers_layout(model, processor, output: Path, max_shard_size: str) -> None:
+def save_transformers_layout(model, processor, output: Path, max_shard_size: int | str) -> None:
     """Weights under timm's names, a `fast_vlm` config.json and a `LlavaProcessor`, as transformers' native model
     saves them."""
     state_dict = checkpoints.from_fastvlm_state_dict(_state_dict_to_save(model), checkpoints.TRANSFORMERS)
@@ -153,7 +239,10 @@ def save_transformers_layout(model, processor, output: Path, max_shard_size: str
     config.save_pretrained(output)
     model.generation_config.save_pretrained(output)
     side = processor.image_processor.size["height"]
-    image_processor = CLIPImageProcessor(
+    # From transformers 5.x on, CLIPImageProcessor needs torchvision; without it the name gives CLIPImageProcessorPil,
+    # with a warning. That class writes the same processor config, with or without torchvision.
+    image_processor_class = getattr(transformers, "CLIPImageProcessorPil", None) or transformers.CLIPImageProcessor
+    image_processor = image_processor_class(
         size={"shortest_edge": side},
         crop_size={"height": side, "width": side},
         image_mean=[0.0, 0.0, 0.0],
@@ -168,7 +257,7 @@ def save_transformers_layout(model, processor, output: Path, max_shard_size: str
     ).save_pretrained(output)
 
 
-def save_apple_layout(model, processor, output: Path, max_shard_size: str) -> None:
+def save_apple_layout(model, processor, output: Path, max_shard_size: int | str) -> None:
     """Weights under Apple's names and Apple's flat `llava_qwen2` config.json, as Apple's Hub repos hold them, so that
     Apple's own code (its predict.py, its Core ML and MLX export scripts) takes the model; the tokenizer with its
     `<image>` token, no processor files (Apple's repos have none).
@@ -185,7 +274,7 @@ def save_apple_layout(model, processor, output: Path, max_shard_size: str) -> No
     processor.tokenizer.save_pretrained(output)
 
 
-def save_sharded(state_dict: dict[str, torch.Tensor], output: Path, max_shard_size: str) -> None:
+def save_sharded(state_dict: dict[str, torch.Tensor], output: Path, max_shard_size: int | str) -> None:
     """Safetensors shards of at most `max_shard_size`, with an index when there is more than one; a progress bar on
     stderr counts the tensors written (`HF_HUB_DISABLE_PROGRESS_BARS=1` hides it)."""
     split = split_torch_state_dict_into_shards(state_dict, max_shard_size=max_shard_size)
@@ -199,21 +288,25 @@ def save_sharded(state_dict: dict[str, torch.Tensor], output: Path, max_shard_si
         (output / "model.safetensors.index.json").write_text(json.dumps(index, indent=2))
 
 
-def verify(source: str, output: str | Path) -> float:
+def verify(source: str, output: str | Path, local_files_only: bool = False) -> float:
     """The largest difference between the float32 logits of `source` and `output` on a test image and prompt,
     relative to the largest logit; raises a `ConversionError` if it exceeds `VERIFY_TOLERANCE`. (Relative: the same
     weights can round differently in float32 once reloaded, by more than 1e-5 on logits of a real model's size.)"""
-    processor = FastVLMProcessor.from_pretrained(source)
+    return _verify(source, output, local_files_only, name=output)
+
+
+def _verify(source: str, output: str | Path, local_files_only: bool, name: str | Path) -> float:
+    processor = FastVLMProcessor.from_pretrained(source, local_files_only=local_files_only)
     inputs = verification_inputs(processor)
     logits = []
-    for checkpoint in (source, output):
-        model = load_model(checkpoint, torch.float32).eval()
+    for checkpoint, local in ((source, local_files_only), (output, True)):
+        model = load_model(checkpoint, torch.float32, local_files_only=local).eval()
         with torch.no_grad():
             logits.append(model(**inputs).logits)
     difference = ((logits[0] - logits[1]).abs().max() / logits[0].abs().max()).item()
     if difference > VERIFY_TOLERANCE:
         raise ConversionError(
-            f"The float32 logits of {output} differ from those of {source} by up to {difference:.3g} of the largest "
+            f"The float32 logits of {name} differ from those of {source} by up to {difference:.3g} of the largest "
             f"logit (tolerance {VERIFY_TOLERANCE}); with a lower --dtype than the source's, this is the rounding."
         )
     return difference

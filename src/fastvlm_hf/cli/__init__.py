@@ -24,6 +24,9 @@
 What they share: ``options`` (the model, generation and output options), ``loading`` (model, processor and images)
 and ``messages`` (status lines and errors).
 
+The installed ``fastvlm-hf`` command starts in ``fastvlm_hf_cli``, which parses the arguments before importing torch
+and transformers, so that ``--help``, ``--version`` and mistyped options answer at once.
+
 Only answers, JSON and tables go to stdout; status lines, statistics, warnings and errors go to stderr, so the output
 can be piped. Errors a user can fix (a missing or unreadable image, a model that cannot be found, a device that is
 not there, a prompt too long for the model) print one line and exit with code 1; ``--debug`` shows the full
@@ -50,7 +53,11 @@ def build_parser() -> argparse.ArgumentParser:
 
 
 def main(argv: list[str] | None = None) -> int:
-    args = build_parser().parse_args(argv)
+    return run(build_parser().parse_args(argv))
+
+
+def run(args: argparse.Namespace) -> int:
+    """Runs the command that `build_parser` parsed into `args`: one line and exit code 1 for the user's mistakes."""
     try:
         return args.handler(args)
     except CLIError as error:

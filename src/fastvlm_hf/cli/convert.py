@@ -5,8 +5,9 @@ from __future__ import annotations
 
 import argparse
 
+from .loading import from_cache_only, local_folder
 from .messages import CLIError, first_line, status
-from .options import add_command, add_output_options
+from .options import add_command, add_output_options, byte_size
 
 
 def add_parser(commands) -> None:
@@ -20,7 +21,7 @@ def add_parser(commands) -> None:
         "(README.md).",
     )
     parser.add_argument("source", help="Hub repo id or local folder, in any FastVLM layout")
-    parser.add_argument("output", help="folder to write")
+    parser.add_argument("output", help="folder to write; it appears once complete (and verified, with --verify)")
     parser.add_argument(
         "--verify",
         action="store_true",
@@ -40,7 +41,10 @@ def add_parser(commands) -> None:
         default="auto",
         help="dtype of the written weights; auto keeps the source's (default: auto)",
     )
-    output.add_argument("--max-shard-size", default="5GB", metavar="SIZE", help="largest weights file (default: 5GB)")
+    output.add_argument("--max-shard-size", type=byte_size, default="5GB", metavar="SIZE",
+                        help="largest weights file, in bytes or e.g. 500MB (default: 5GB)")  # fmt: skip
+    output.add_argument("--overwrite", action="store_true",
+                        help="replace OUTPUT if it exists, once the new one is complete")  # fmt: skip
     output.add_argument(
         "--push-to-hub",
         metavar="REPO",
@@ -49,22 +53,29 @@ def add_parser(commands) -> None:
 
 
 def run(args: argparse.Namespace) -> int:
-    """Convert, then verify, then push: each step only once the one before it succeeded."""
+    """Convert and verify, then push: the push only once the output is complete (and verified)."""
     from .. import conversion
 
+    folder = local_folder(args.source, "source folder not found")
+    source = folder or args.source
     try:
-        conversion.convert(args.source, args.output, to=args.to, dtype=args.dtype,
-                           max_shard_size=args.max_shard_size, repo_id=args.push_to_hub)  # fmt: skip
-        status(f"Wrote {args.output} ({args.to} layout).")
-        if args.verify:
-            status(f"Verified: float32 logits agree to {conversion.verify(args.source, args.output):.3g} of the largest.")
+        cache_only = folder is None and from_cache_only(source, local_hint="or convert a local folder")
+        difference = conversion.convert(source, args.output, to=args.to, dtype=args.dtype,
+                                        max_shard_size=args.max_shard_size, repo_id=args.push_to_hub,
+                                        verify=args.verify, overwrite=args.overwrite, local_files_only=cache_only)  # fmt: skip
     except conversion.ConversionError as error:
         raise CLIError(str(error)) from error
     except (OSError, ValueError) as error:  # a source that cannot be found or does not fit FastVLM
         raise CLIError(f"cannot convert {args.source!r}: {first_line(error)}") from error
+    if args.verify:
+        status(f"Verified: float32 logits agree to {difference:.3g} of the largest.")
+    status(f"Wrote {args.output} ({args.to} layout).")
     if args.push_to_hub:
         try:
             status(f"Pushed to {conversion.push_to_hub(args.output, args.push_to_hub)}.")
-        except OSError as error:  # the Hub's HTTP errors, a missing token
-            raise CLIError(f"cannot push {args.output} to {args.push_to_hub!r}: {first_line(error)}") from error
+        except Exception as error:  # the Hub's answers, no connection, no token: the client's errors vary by release
+            kept = "complete and verified" if args.verify else "complete"
+            raise CLIError(f"cannot push {args.output} to {args.push_to_hub!r}: {first_line(error).rstrip('.')}. "
+                           f"{args.output} is {kept}: push it later with `hf upload {args.push_to_hub} "
+                           f"{args.output}`") from error  # fmt: skip
     return 0

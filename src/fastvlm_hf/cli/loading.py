@@ -5,7 +5,9 @@ from __future__ import annotations
 import argparse
 import os
 
-from .messages import CLIError, describe_load_error, first_line, status
+from .messages import LOCAL_HINT, CLIError, describe_load_error, first_line, no_connection, status
+
+HUB_TIMEOUT = 5  # seconds for the Hub to answer before the model counts as out of reach
 
 
 def resolve_device(name: str) -> str:
@@ -89,6 +91,39 @@ def _download_image(url: str):
         raise CLIError(f"cannot read image {url}: {first_line(error)}") from error
 
 
+def local_folder(model_id: str, missing: str = "model folder not found") -> str | None:
+    """The folder `model_id` names, or None for a Hub id; a folder that is meant but missing is the error `missing`."""
+    if os.path.isdir(model_id):
+        return model_id
+    if not _looks_like_path(model_id):
+        return None
+    folder = os.path.expanduser(model_id)
+    if not os.path.isdir(folder):
+        raise CLIError(f"{missing}: {folder}")
+    return folder
+
+
+def from_cache_only(model_id: str, local_hint: str = LOCAL_HINT) -> bool:
+    """Whether to read the Hub model `model_id` from the local cache only, after one request to the Hub: without a
+    connection, huggingface_hub would retry each file for half a minute. Out of reach and not in the cache: an error,
+    at once."""
+    from huggingface_hub import constants, model_info, try_to_load_from_cache
+    from huggingface_hub.errors import HfHubHTTPError, HFValidationError
+
+    if constants.HF_HUB_OFFLINE:  # from_pretrained reads the cache only, and says so when the model is not there
+        return False
+    try:
+        model_info(model_id, timeout=HUB_TIMEOUT)
+    except (HfHubHTTPError, HFValidationError):  # the Hub answered, or the id is malformed: from_pretrained says why
+        return False
+    except Exception as error:  # no answer; the HTTP client's errors differ between huggingface_hub releases
+        if isinstance(try_to_load_from_cache(model_id, "config.json"), str):
+            status(f"No connection to the Hugging Face Hub: using the cached copy of {model_id}.")
+            return True
+        raise CLIError(no_connection(model_id, local_hint)) from error
+    return False
+
+
 def _looks_like_path(model_id: str) -> bool:
     """Hub ids are 'name' or 'owner/name'; anything else is meant as a local folder, and so is 'owner/name' when a
     folder 'owner' exists here."""
@@ -97,15 +132,18 @@ def _looks_like_path(model_id: str) -> bool:
     return "/" in model_id and os.path.isdir(model_id.split("/")[0])
 
 
-def load_processor(model_id: str, resolution: int | None = None, image_mode: str | None = None):
+def load_processor(
+    model_id: str, resolution: int | None = None, image_mode: str | None = None, local_files_only: bool = False
+):
     """The checkpoint's processor, with the image size and mode the command line asks for. FastVLM's own, whatever the
     layout: transformers' native `fast_vlm` checkpoints name transformers' processor, which would need torchvision."""
     from ..compat import PretrainedConfig
     from ..processing_fastvlm import FastVLMProcessor
 
     try:
-        PretrainedConfig.get_config_dict(model_id)  # a model that cannot be found fails here, with the Hub's reason
-        processor = FastVLMProcessor.from_pretrained(model_id)
+        # a model that cannot be found fails here, with the Hub's reason
+        PretrainedConfig.get_config_dict(model_id, local_files_only=local_files_only)
+        processor = FastVLMProcessor.from_pretrained(model_id, local_files_only=local_files_only)
     except (OSError, ValueError) as error:
         raise CLIError(describe_load_error(model_id, error)) from error
     image_processor = processor.image_processor
@@ -124,12 +162,12 @@ def check_resolution(resolution: int, patch_size: int) -> None:
                        f"try --resolution {nearest}")  # fmt: skip
 
 
-def load_model(model_id: str, device: str, dtype, quantization=None):
+def load_model(model_id: str, device: str, dtype, quantization=None, local_files_only: bool = False):
     """FastVLM's own model class, which loads all three layouts (the Auto classes would pick transformers' own class,
     which needs timm, for a native `fast_vlm` checkpoint)."""
     from ..modeling_fastvlm import FastVLMForConditionalGeneration
 
-    kwargs = {"dtype": dtype, "device_map": device}
+    kwargs = {"dtype": dtype, "device_map": device, "local_files_only": local_files_only}
     if quantization is not None:
         kwargs["quantization_config"] = quantization
     try:
@@ -143,11 +181,8 @@ def load_model(model_id: str, device: str, dtype, quantization=None):
 
 def load(args: argparse.Namespace):
     """Processor and model as the command line's model options say; status lines on stderr."""
-    model_id = args.model
-    if _looks_like_path(model_id):
-        model_id = os.path.expanduser(model_id)
-        if not os.path.isdir(model_id):
-            raise CLIError(f"model folder not found: {model_id}")
+    folder = local_folder(args.model)
+    model_id = folder or args.model
     device = resolve_device(args.device)
     dtype = resolve_dtype(args.dtype, device)
     quantization = quantization_config(args, device)
@@ -157,5 +192,6 @@ def load(args: argparse.Namespace):
         check_resolution(args.resolution, FastViTHDConfig().patch_size)
     bits = " 4-bit" if args.load_in_4bit else " 8-bit" if args.load_in_8bit else ""
     status(f"Loading model {model_id} on {device} ({str(dtype).removeprefix('torch.')}{bits}) ...")
-    processor = load_processor(model_id, args.resolution, args.image_mode)
-    return processor, load_model(model_id, device, dtype, quantization)
+    cache_only = folder is None and from_cache_only(model_id)
+    processor = load_processor(model_id, args.resolution, args.image_mode, local_files_only=cache_only)
+    return processor, load_model(model_id, device, dtype, quantization, local_files_only=cache_only)

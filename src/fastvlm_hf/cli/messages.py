@@ -6,6 +6,9 @@ import os
 import sys
 
 
+LOCAL_HINT = "or pass a local folder with --model PATH"
+
+
 class CLIError(Exception):
     """An error with a message meant for the user: printed on one line, exit code 1."""
 
@@ -37,19 +40,24 @@ def describe_load_error(model_id: str, error: BaseException) -> str:
         RepositoryNotFoundError,
     )
 
-    local_hint = "or pass a local folder with --model PATH"
     causes = _causes(error)
     if any(isinstance(cause, GatedRepoError) for cause in causes):
         return f"model {model_id!r} is gated: accept its terms on huggingface.co and log in with `hf auth login`"
     if any(isinstance(cause, RepositoryNotFoundError) for cause in causes):
-        return f"model {model_id!r} is neither a local folder nor a repo on the Hugging Face Hub: check the name, {local_hint}"
+        return f"model {model_id!r} is neither a local folder nor a repo on the Hugging Face Hub: check the name, {LOCAL_HINT}"
     if any(isinstance(cause, (OfflineModeIsEnabled, LocalEntryNotFoundError)) for cause in causes):
         if _hub_offline():
             return (f"model {model_id!r} is not in the local Hugging Face cache and HF_HUB_OFFLINE=1 forbids "
-                    f"downloading it: run once without HF_HUB_OFFLINE to download it, {local_hint}")  # fmt: skip
-        return (f"cannot download model {model_id!r} (no connection to the Hugging Face Hub?) and it is not in the "
-                f"local cache: connect once to download it, {local_hint} (HF_HUB_OFFLINE=1 then uses the cache only)")  # fmt: skip
+                    f"downloading it (nor is it a local folder): run once without HF_HUB_OFFLINE to download it, "
+                    f"{LOCAL_HINT}")  # fmt: skip
+        return no_connection(model_id)
     return f"cannot load model {model_id!r}: {first_line(error)}"
+
+
+def no_connection(model_id: str, local_hint: str = LOCAL_HINT) -> str:
+    return (f"cannot download model {model_id!r} (no connection to the Hugging Face Hub?): it is neither in the local "
+            f"cache nor a local folder; connect once to download it, {local_hint} (HF_HUB_OFFLINE=1 then uses the "
+            f"cache only)")  # fmt: skip
 
 
 def _causes(error: BaseException) -> list[BaseException]:

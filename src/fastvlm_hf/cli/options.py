@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import argparse
+import re
 
 from .messages import status
 
@@ -88,4 +89,16 @@ def probability(text: str) -> float:
     value = float(text)
     if not 0 < value <= 1:
         raise argparse.ArgumentTypeError(f"must be in (0, 1], got {text}")
+    return value
+
+
+def byte_size(text: str) -> int:
+    """A number of bytes, or of kilo-, mega-, giga- or terabytes (powers of 1000, as huggingface_hub counts them)."""
+    match = re.fullmatch(r"\s*(\d+\.?\d*|\.\d+)\s*([KMGT]B)?\s*", text, re.IGNORECASE)
+    if match is None:
+        raise argparse.ArgumentTypeError(f"not a size: {text!r}; write bytes, or e.g. 500MB or 5GB")
+    number, unit = match.groups()
+    value = int(float(number) * 1000 ** ("KMGT".index(unit[0].upper()) + 1 if unit else 0))
+    if value < 1:
+        raise argparse.ArgumentTypeError(f"must be at least 1 byte, got {text!r}")
     return value
