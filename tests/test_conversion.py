@@ -419,7 +419,8 @@ def test_convert_prints_no_warning_about_torchvision(tmp_path, apple_tokenizer, 
     model = build_reference_model(apple_tokenizer, vision_config=NATIVE_VISION_CONFIG)
     ours = tmp_path / "ours"  # this package's layout: a processor config, read through AutoImageProcessor
     conversion.convert(str(write_apple_checkpoint(tmp_path / "apple", model, apple_tokenizer)), ours)
-    hide = "sys.modules['torchvision'] = None\n" if torchvision == "missing" else ""
+    # Without torchvision there is no timm either (it needs torchvision): both absent, as transformers then sees them.
+    hide = "sys.modules['timm'] = sys.modules['torchvision'] = None\n" if torchvision == "missing" else ""
     code = f"import sys\n{hide}from fastvlm_hf.cli import main\nsys.exit(main(sys.argv[1:]))\n"
     to = "transformers" if hasattr(transformers, "FastVlmConfig") else "apple"
     result = subprocess.run(

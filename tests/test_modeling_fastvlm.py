@@ -364,30 +364,31 @@ def test_the_output_head_has_the_language_models_tensor_parallel_plan():
     assert FastVLMForConditionalGeneration._tp_plan == {"lm_head": Qwen2ForCausalLM._tp_plan["lm_head"]}
 
 
-class JoinRecorder(torch.overrides.TorchFunctionMode):
-    """Records the (device, dtype) of the text embeddings and of the image features at each `masked_scatter`."""
+class Joined(Exception):
+    """Raised by `JoinRecorder` once the image features have joined the text embeddings."""
 
-    def __init__(self):
-        super().__init__()
-        self.joins = []
+
+class JoinRecorder(torch.overrides.TorchFunctionMode):
+    """Records the (device, dtype) of the text embeddings, the image features and the mask at the `masked_scatter`
+    that joins them, then stops the forward pass there."""
 
     def __torch_function__(self, func, types, args=(), kwargs=None):
-        kwargs = kwargs or {}
         if func is torch.Tensor.masked_scatter:
             embeds, mask, source = args[:3]
-            self.joins.append({(t.device.type, t.dtype) for t in (embeds, source)} | {(mask.device.type, None)})
-        return func(*args, **kwargs)
+            self.join = {"embeds": (embeds.device.type, embeds.dtype), "features": (source.device.type, source.dtype),
+                         "mask": mask.device.type}  # fmt: skip
+            raise Joined
+        return func(*args, **(kwargs or {}))
 
 
 @torch.no_grad()
 def test_image_features_move_to_the_text_embeddings_device_and_dtype(tiny_config):
-    # A language model on another device than the tower (a device map): here the meta device, in bfloat16, and the
+    # The language model on another device than the tower (a device map): here the meta device, in bfloat16, and the
     # tower on the CPU in float32. Meta tensors take operands from any device, so the join is checked by recording.
     model = FastVLMForConditionalGeneration(copy.deepcopy(tiny_config)).eval()
     model.model.language_model.to("meta", torch.bfloat16)
-    model.lm_head.to("meta", torch.bfloat16)
     recorder = JoinRecorder()
-    with recorder:
-        logits = model(input_ids=prompt_ids(tiny_config), pixel_values=pixels()).logits
-    assert logits.device.type == "meta"
-    assert recorder.joins == [{("meta", torch.bfloat16), ("meta", None)}]
+    with pytest.raises(Joined), recorder:
+        model(input_ids=prompt_ids(tiny_config), pixel_values=pixels())
+    assert next(model.model.vision_tower.parameters()).device.type == "cpu"
+    assert recorder.join == {"embeds": ("meta", torch.bfloat16), "features": ("meta", torch.bfloat16), "mask": "meta"}
