@@ -307,7 +307,7 @@ def main(argv: list[str] | None = None) -> None:
     for size in args.sizes:
         with tempfile.TemporaryDirectory(prefix=f"fastvlm-{size}-") as directory:
             log(f"FastVLM-{size}: random weights saved to {directory}")
-            model = build_ours(fastvlm_config(size, args, tokenizer), DTYPES[args.dtype], "cpu", args.seed)
+            model = build_ours(fastvlm_config(size, tokenizer, args.resolution, args.layers), DTYPES[args.dtype], "cpu", args.seed)
             model.save_pretrained(directory)
             processor.save_pretrained(directory)
             del model
