@@ -302,7 +302,8 @@ def main(argv: list[str] | None = None) -> None:
     processor = FastVLMProcessor(image_processor=FastVLMImageProcessor(size=args.resolution), tokenizer=tokenizer)
     prompt = chat_prompt(processor)
     images = random_images(args.requests, args.resolution, args.seed)
-    results = {"settings": {**vars(args), "output": str(args.output)}, "machine": describe_machine(args.device)}
+    settings = {key: value for key, value in vars(args).items() if key != "output"}
+    results = {"settings": settings, "machine": describe_machine(args.device)}
     results["sizes"] = {}
     for size in args.sizes:
         with tempfile.TemporaryDirectory(prefix=f"fastvlm-{size}-") as directory:
