@@ -134,11 +134,18 @@ def from_fastvlm_state_dict(state_dict: dict[str, torch.Tensor], layout: str) ->
 DEFAULT_IMAGE_TOKEN_ID = 151646  # `<image>` appended to Qwen2's tokenizer, as Apple's export script and transformers do
 
 # Fields of Apple's flat config.json that describe LLaVA's vision side or training, not the Qwen2 language model.
-_APPLE_LLAVA_FIELDS = {
-    "freeze_mm_mlp_adapter", "image_aspect_ratio", "image_grid_pinpoints", "image_token_index", "mm_hidden_size",
-    "mm_patch_merge_type", "mm_projector_lr", "mm_projector_type", "mm_use_im_patch_token", "mm_use_im_start_end",
-    "mm_vision_select_feature", "mm_vision_select_layer", "mm_vision_tower", "tokenizer_model_max_length",
-    "tokenizer_padding_side", "tune_mm_mlp_adapter", "unfreeze_mm_vision_tower", "use_mm_proj", "vision_config",
+# LLaVA's settings as Apple's released config.json files state them (`research/reference-fastvlm.md` §4.2): what
+# Apple's code reads besides the language model, for a checkpoint written back into Apple's layout.
+_APPLE_LLAVA_SETTINGS = {
+    "freeze_mm_mlp_adapter": False, "image_aspect_ratio": "pad", "image_grid_pinpoints": None,
+    "mm_patch_merge_type": "flat", "mm_projector_lr": None, "mm_projector_type": "mlp2x_gelu",
+    "mm_use_im_patch_token": False, "mm_use_im_start_end": False, "mm_vision_select_feature": "patch",
+    "mm_vision_select_layer": -2, "tokenizer_model_max_length": 8192, "tokenizer_padding_side": "right",
+    "tune_mm_mlp_adapter": False, "unfreeze_mm_vision_tower": True, "use_mm_proj": True,
+}  # fmt: skip
+# Apple's LLaVA fields: those settings, and the ones that describe this model (a config.json's others are Qwen2's).
+_APPLE_LLAVA_FIELDS = set(_APPLE_LLAVA_SETTINGS) | {
+    "image_token_index", "mm_hidden_size", "mm_vision_tower", "vision_config",
 }  # fmt: skip
 # Fields that describe the checkpoint as a whole; `auto_map` points at Apple's remote code, which we replace.
 _CHECKPOINT_FIELDS = {"architectures", "auto_map", "model_type", "transformers_version", "_name_or_path"}
@@ -183,15 +190,6 @@ def _from_apple_config(config: dict[str, Any]) -> dict[str, Any]:
     }
 
 
-# LLaVA's settings as Apple's released config.json files state them (`research/reference-fastvlm.md` §4.2): what
-# Apple's code reads besides the language model, for a checkpoint written back into Apple's layout.
-_APPLE_LLAVA_SETTINGS = {
-    "freeze_mm_mlp_adapter": False, "image_aspect_ratio": "pad", "image_grid_pinpoints": None,
-    "mm_patch_merge_type": "flat", "mm_projector_lr": None, "mm_projector_type": "mlp2x_gelu",
-    "mm_use_im_patch_token": False, "mm_use_im_start_end": False, "mm_vision_select_feature": "patch",
-    "mm_vision_select_layer": -2, "tokenizer_model_max_length": 8192, "tokenizer_padding_side": "right",
-    "tune_mm_mlp_adapter": False, "unfreeze_mm_vision_tower": True, "use_mm_proj": True,
-}  # fmt: skip
 _APPLE_ARCHITECTURE = "LlavaQwen2ForCausalLM"
 _CONFIG_BOOKKEEPING = _CHECKPOINT_FIELDS | {"dtype", "torch_dtype"}
 
