@@ -133,9 +133,8 @@ def from_fastvlm_state_dict(state_dict: dict[str, torch.Tensor], layout: str) ->
 
 DEFAULT_IMAGE_TOKEN_ID = 151646  # `<image>` appended to Qwen2's tokenizer, as Apple's export script and transformers do
 
-# Fields of Apple's flat config.json that describe LLaVA's vision side or training, not the Qwen2 language model.
-# LLaVA's settings as Apple's released config.json files state them (`research/reference-fastvlm.md` §4.2): what
-# Apple's code reads besides the language model, for a checkpoint written back into Apple's layout.
+# LLaVA's settings as Apple's released config.json files state them: what Apple's code reads besides the language
+# model, for a checkpoint written back into Apple's layout.
 _APPLE_LLAVA_SETTINGS = {
     "freeze_mm_mlp_adapter": False, "image_aspect_ratio": "pad", "image_grid_pinpoints": None,
     "mm_patch_merge_type": "flat", "mm_projector_lr": None, "mm_projector_type": "mlp2x_gelu",
@@ -143,7 +142,7 @@ _APPLE_LLAVA_SETTINGS = {
     "mm_vision_select_layer": -2, "tokenizer_model_max_length": 8192, "tokenizer_padding_side": "right",
     "tune_mm_mlp_adapter": False, "unfreeze_mm_vision_tower": True, "use_mm_proj": True,
 }  # fmt: skip
-# Apple's LLaVA fields: those settings, and the ones that describe this model (a config.json's others are Qwen2's).
+# Fields of Apple's flat config.json that describe LLaVA's vision side or training, not the Qwen2 language model.
 _APPLE_LLAVA_FIELDS = set(_APPLE_LLAVA_SETTINGS) | {
     "image_token_index", "mm_hidden_size", "mm_vision_tower", "vision_config",
 }  # fmt: skip
