@@ -10,6 +10,7 @@ once the arguments are parsed, before the command starts: every command sees the
 import importlib
 import importlib.util
 import sys
+import warnings
 
 
 def main(argv: list[str] | None = None) -> int:
@@ -23,12 +24,24 @@ def main(argv: list[str] | None = None) -> int:
     try:
         cli = importlib.import_module("fastvlm_hf.cli")
         args = cli.build_parser().parse_args(argv)  # --help, --version and usage errors exit here
-        spec.loader.exec_module(package)
+        _import_package(spec, package)
     except BaseException:
         for name in [name for name in sys.modules if name == "fastvlm_hf" or name.startswith("fastvlm_hf.")]:
             del sys.modules[name]  # a later `import fastvlm_hf` starts over
         raise
     return cli.run(args)
+
+
+def _import_package(spec, package) -> None:
+    """Runs the package's `__init__`; its notice of an untested transformers release becomes one line of the command's
+    own instead of a Python warning with a file name and a source line. Other warnings show as they would."""
+    with warnings.catch_warnings(record=True) as caught:
+        spec.loader.exec_module(package)
+    for warning in caught:
+        if issubclass(warning.category, package.UntestedTransformersWarning):
+            print(f"fastvlm-hf: note: {warning.message}", file=sys.stderr)
+        else:
+            warnings.showwarning(warning.message, warning.category, warning.filename, warning.lineno)
 
 
 if __name__ == "__main__":

@@ -2,6 +2,7 @@
 
 import json
 import re
+import shutil
 
 import pytest
 import torch
@@ -371,3 +372,56 @@ def test_native_config_with_another_tower_fails(native_dir, tmp_path):
     (tmp_path / "config.json").write_text(json.dumps(config))
     with pytest.raises(ValueError, match=r"'fastvit_mci4'.*'fastvit_mci3'"):
         FastVLMConfig.from_pretrained(tmp_path)
+
+
+# ----------------------------------------------------------------------------------------------------------------------
+# `AutoImageProcessor` on every layout
+
+
+def _a_wide_picture():
+    image = Image.new("RGB", (160, 96), (240, 240, 240))
+    image.paste((200, 40, 40), (40, 24, 80, 48))
+    return image
+
+
+@pytest.mark.parametrize("layout", ["fastvlm", "llava_qwen2", "fast_vlm"])
+def test_auto_image_processor_gives_the_preprocessing_auto_processor_gives(
+    layout, request, tiny_checkpoint_dir, apple_dir, apple_tokenizer, tmp_path
+):
+    """Apple's repos (and a native checkpoint that ships no image processor config) have no
+    `preprocessor_config.json`: `AutoImageProcessor` still gives FastVLM's processor with Apple's padding, the one
+    inside FastVLM's processor."""
+    folder = {"fastvlm": tiny_checkpoint_dir, "llava_qwen2": apple_dir}.get(layout)
+    if folder is None:
+        folder = shutil.copytree(request.getfixturevalue("native_dir"), tmp_path / "native")
+        apple_tokenizer.save_pretrained(folder)
+    image_processor = transformers.AutoImageProcessor.from_pretrained(folder)
+    expected = FastVLMProcessor.from_pretrained(folder).image_processor
+    assert type(image_processor) is FastVLMImageProcessor
+    assert image_processor.to_dict() == expected.to_dict()
+    if layout != "fastvlm":  # ours keeps whatever was saved; the others get Apple's preprocessing
+        assert image_processor.image_mode == "pad"
+        side = FastVLMConfig.from_pretrained(folder).vision_config.image_size
+        assert image_processor.size == {"height": side, "width": side}
+    picture = _a_wide_picture()
+    torch.testing.assert_close(
+        image_processor(picture, return_tensors="pt")["pixel_values"],
+        expected(picture, return_tensors="pt")["pixel_values"],
+        rtol=0, atol=0,
+    )
+
+
+def test_auto_image_processor_still_fails_for_a_folder_that_is_not_fastvlm(tmp_path):
+    (tmp_path / "config.json").write_text(json.dumps({"model_type": "qwen2"}))
+    with pytest.raises(OSError, match="preprocessor_config.json"):
+        transformers.AutoImageProcessor.from_pretrained(tmp_path)
+
+
+def test_importing_twice_wraps_auto_image_processor_once():
+    import importlib
+
+    import fastvlm_hf
+
+    before = transformers.AutoImageProcessor.from_pretrained.__func__
+    importlib.reload(fastvlm_hf)
+    assert transformers.AutoImageProcessor.from_pretrained.__func__ is before

@@ -3,6 +3,7 @@
 import http.server
 import io
 import json
+import logging
 import os
 import re
 import shutil
@@ -10,6 +11,8 @@ import socket
 import subprocess
 import sys
 import threading
+import warnings
+from pathlib import Path
 
 import pytest
 import torch
@@ -17,6 +20,7 @@ import transformers
 from PIL import Image
 from transformers import AutoModelForImageTextToText, AutoProcessor
 
+import fastvlm_hf
 import fastvlm_hf.cpu
 from fastvlm_hf import FastViTHDModel, FastVLMForConditionalGeneration, FastVLMModel
 from fastvlm_hf.chat import ChatSession
@@ -24,6 +28,8 @@ from fastvlm_hf.cli import bench as bench_command
 from fastvlm_hf.cli import build_parser, main
 from fastvlm_hf.cli.loading import load_model, quantization_config, resolve_device, resolve_dtype
 from fastvlm_hf.cli.messages import describe_load_error
+from fastvlm_hf.cli.notices import hide_dependency_notices
+from fastvlm_hf.compat import NEWEST_TESTED_TRANSFORMERS
 from fastvlm_hf.cli.options import generation_kwargs
 from fastvlm_hf.cpu.packed_linear import PackedLinear
 
@@ -527,6 +533,48 @@ def test_help_version_and_usage_errors_import_neither_torch_nor_transformers(arg
         assert result.stderr.splitlines()[-1].endswith("--max-shard-size: not a size: 'lots'; write bytes, or e.g. 500MB or 5GB")  # fmt: skip
 
 
+def test_the_untested_release_notice_is_one_line_of_the_command(tmp_path):
+    """On a transformers newer than the newest tested, the command says so in one line of its own, not as a Python
+    warning with a file name and a source line. Shown with a copy of the package that was tested up to 4.0 only."""
+    package = Path(fastvlm_hf.__file__).parent
+    shutil.copytree(package, tmp_path / "fastvlm_hf", ignore=shutil.ignore_patterns("__pycache__"))
+    shutil.copy(package.parent / "fastvlm_hf_cli.py", tmp_path)
+    compat = tmp_path / "fastvlm_hf" / "compat.py"
+    compat.write_text(compat.read_text().replace(f'= "{NEWEST_TESTED_TRANSFORMERS}"', '= "4.0"', 1))
+    env = {**os.environ, "PYTHONPATH": os.pathsep.join(filter(None, [str(tmp_path), os.environ.get("PYTHONPATH")]))}
+    args = ["predict", "--model", "./no-such-folder", "--image", "x.png", "--prompt", "hi"]
+    result = subprocess.run([sys.executable, "-W", "default", "-m", "fastvlm_hf_cli", *args], cwd=tmp_path,
+                            capture_output=True, text=True, timeout=300, env=env)  # fmt: skip
+    assert result.returncode == 1
+    notice, *rest = result.stderr.splitlines()
+    assert notice.startswith("fastvlm-hf: note: fastvlm-hf is tested with transformers up to 4.0.x and "), notice
+    assert rest and all(line.startswith("fastvlm-hf: error: ") for line in rest), result.stderr
+    assert without_the_untested_release_notice(result.stderr) == rest
+
+
+def test_the_command_drops_what_bitsandbytes_and_kernels_log_about_each_other_and_nothing_else(capfd):
+    """With the `kernels` package installed (transformers 5.25 brings it), bitsandbytes on an AVX512-BF16 CPU asks it
+    for a CPU kernel from the Hub at load time and logs its failure offline, and `kernels` logs that it skipped the
+    publisher check: two lines a user reads as a broken load. The command drops those two, by their text."""
+    hide_dependency_notices()
+    logging.getLogger("bitsandbytes.backends.cpu.ops").warning(
+        "Failed to load CPU gemm_4bit_forward from kernels-community: offline. Please make sure you already `pip "
+        "install kernels` and the kernels >= 0.11.1"
+    )
+    logging.getLogger("kernels._internals.hf_hub").warning(
+        "Skipping publisher trust check for 'kernels-community/quantization-bitsandbytes' because Hugging Face Hub "
+        "is in offline mode."
+    )
+    logging.getLogger("bitsandbytes.some_module").warning("a warning of its own")
+    with warnings.catch_warnings(record=True) as caught:
+        warnings.simplefilter("default")
+        hide_dependency_notices()
+        warnings.warn("`is_gradient_checkpointing` is deprecated and will be removed in v6.", FutureWarning)
+        warnings.warn("something else is deprecated", FutureWarning)
+    assert [str(warning.message) for warning in caught] == ["something else is deprecated"]
+    assert capfd.readouterr().err.splitlines() == ["a warning of its own"]
+
+
 def test_the_entry_point_runs_commands_with_the_package_registered(checkpoint, reference, image_path):
     after_help = (
         "import sys\n"
@@ -562,18 +610,25 @@ def unreachable_hub(tmp_path):
     env = {name: value for name, value in os.environ.items() if name not in {"HF_HUB_OFFLINE", "HF_HUB_CACHE", "HUGGINGFACE_HUB_CACHE"}}  # fmt: skip
     python_path = os.pathsep.join(os.path.abspath(path) for path in env.get("PYTHONPATH", "").split(os.pathsep) if path)
     # absolute: the command runs in `tmp_path`
-    return {**env, "PYTHONPATH": python_path, "HF_ENDPOINT": f"http://127.0.0.1:{port}", "HF_HOME": str(tmp_path / "hf-home")}  # fmt: skip
+    # Hub kernels enabled as transformers has them by default (5.25+): they must add no request of their own
+    return {**env, "PYTHONPATH": python_path, "HF_ENDPOINT": f"http://127.0.0.1:{port}", "HF_HOME": str(tmp_path / "hf-home"),
+            "USE_HUB_KERNELS": "YES"}  # fmt: skip
+
+
+def without_the_untested_release_notice(stderr: str) -> list[str]:
+    """The command's lines on stderr, less its one-line notice that transformers is newer than the newest tested."""
+    return [line for line in stderr.splitlines() if not line.startswith("fastvlm-hf: note: fastvlm-hf is tested with")]
 
 
 @pytest.mark.parametrize("model", ["apple/FastVLM-0.5B", "checkpoints/fastvlm"])
 def test_an_unreachable_hub_ends_the_wait_at_once_with_one_line(model, image_path, tmp_path):
     # `checkpoints/fastvlm`: a folder meant, but neither it nor `checkpoints` exists, so it reads as a Hub id too
     result = subprocess.run(
-        [sys.executable, "-m", "fastvlm_hf.cli", "predict", "--model", model, "--image", str(image_path), "--prompt", "hi"],
+        [sys.executable, "-m", "fastvlm_hf_cli", "predict", "--model", model, "--image", str(image_path), "--prompt", "hi"],
         cwd=tmp_path, capture_output=True, text=True, timeout=300, env=unreachable_hub(tmp_path),
     )  # fmt: skip
     assert result.returncode == 1
-    loading, *rest = result.stderr.strip().splitlines()
+    loading, *rest = without_the_untested_release_notice(result.stderr.strip())
     assert loading.startswith(f"Loading model {model} on ")
     assert rest == [
         f"fastvlm-hf: error: cannot download model {model!r} (no connection to the Hugging Face Hub?): it is neither in "
@@ -589,7 +644,7 @@ def test_an_unreachable_hub_loads_a_cached_model_at_once(checkpoint, reference, 
     (repo / "refs").mkdir()
     (repo / "refs" / "main").write_text(revision)
     result = subprocess.run(
-        [sys.executable, "-m", "fastvlm_hf.cli", *predict_args("nobody/tiny-fastvlm", image_path)],
+        [sys.executable, "-m", "fastvlm_hf_cli", *predict_args("nobody/tiny-fastvlm", image_path)],
         cwd=tmp_path, capture_output=True, timeout=300, env=unreachable_hub(tmp_path),
     )  # fmt: skip
     assert result.returncode == 0, result.stderr.decode()

@@ -12,7 +12,7 @@ from transformers import (
 from .compat import UntestedTransformersWarning, image_processor_registration, warn_if_untested_transformers
 from .configuration_fastvithd import FastViTHDConfig
 from .configuration_fastvlm import FastVLMConfig, FastVLMLlavaQwen2Config
-from .image_processing_fastvlm import FastVLMImageProcessor
+from .image_processing_fastvlm import FastVLMImageProcessor, with_fastvlm_checkpoints_without_preprocessor_config
 from .modeling_fastvithd import FastViTHDModel
 from .modeling_fastvlm import FastVLMForConditionalGeneration, FastVLMModel
 from .processing_fastvlm import FastVLMProcessor
@@ -45,4 +45,8 @@ AutoModel.register(FastVLMConfig, FastVLMModel, exist_ok=True)
 AutoModelForImageTextToText.register(FastVLMConfig, FastVLMForConditionalGeneration, exist_ok=True)
 AutoModelForCausalLM.register(FastVLMConfig, FastVLMForConditionalGeneration, exist_ok=True)  # how Apple's cards load it
 AutoImageProcessor.register(FastVLMConfig, **image_processor_registration(FastVLMImageProcessor), exist_ok=True)
+# Apple's repos ship no preprocessor config, before which `AutoImageProcessor` gives up with no hook to register.
+AutoImageProcessor.from_pretrained = with_fastvlm_checkpoints_without_preprocessor_config(
+    AutoImageProcessor.from_pretrained
+)
 AutoProcessor.register(FastVLMConfig, FastVLMProcessor, exist_ok=True)

@@ -41,12 +41,13 @@ __all__ = [
     "VLMCausalLMOutput",
     "image_outputs_kwargs",
     "warn_if_untested_transformers",
+    "without_hub_kernels_unless_asked",
     "weight_init",
 ]
 
 # The newest transformers release line the test suite runs on. `.ci/run` fails when the newest release is past it,
 # so raising it (after the suite passes on the new release) is part of supporting a new transformers.
-NEWEST_TESTED_TRANSFORMERS = "5.24"
+NEWEST_TESTED_TRANSFORMERS = "5.25"
 
 
 class UntestedTransformersWarning(UserWarning):
@@ -167,6 +168,16 @@ def is_first_generation_step(model_inputs: dict[str, Any], is_first_iteration: b
     if is_first_iteration is None and cache_position is not None:
         return int(cache_position[0]) == 0 or cache_position.numel() > 1
     return False
+
+
+def without_hub_kernels_unless_asked(kwargs: dict[str, Any]) -> dict[str, Any]:
+    """`from_pretrained` kwargs that load without Hub kernels unless the caller asks for them (`use_kernels=True`, or a
+    `kernel_config`). From 5.25 on transformers turns them on by default: on CUDA, ROCm and XPU it replaces layers
+    with compiled code downloaded from the Hub while the model loads. Every release in our range takes
+    `use_kernels=False`."""
+    if "use_kernels" not in kwargs and kwargs.get("kernel_config") is None:
+        kwargs["use_kernels"] = False
+    return kwargs
 
 
 def mismatched_key_names(loading_info: dict[str, Any]) -> list[str]:

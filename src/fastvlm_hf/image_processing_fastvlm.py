@@ -348,3 +348,35 @@ def _center_crop(image: Image.Image, height: int, width: int) -> Image.Image:
 
 
 __all__ = ["FastVLMImageProcessor"]
+
+
+# What `AutoImageProcessor.from_pretrained` takes for itself, which FastVLM's image processor has no use for.
+_AUTO_ONLY_KWARGS = ("config", "use_fast", "backend", "trust_remote_code", "code_revision")
+
+
+def with_fastvlm_checkpoints_without_preprocessor_config(auto_from_pretrained):
+    """`AutoImageProcessor.from_pretrained`, answering also for the FastVLM checkpoints that ship no image processor
+    config (Apple's Hub repos): transformers finds no `preprocessor_config.json` there and has no hook for a model type
+    to step in, so where it gives up (`OSError`) on a checkpoint of Apple's or transformers' native layout, FastVLM's
+    image processor is built from the checkpoint's `config.json`, as `AutoProcessor` builds it. Anything else loads,
+    or fails, as transformers decides. Wrapping an already wrapped method returns it unchanged."""
+    if getattr(auto_from_pretrained, "answers_fastvlm_checkpoints", False):
+        return auto_from_pretrained
+    original = auto_from_pretrained.__func__
+
+    def from_pretrained(cls, pretrained_model_name_or_path, *inputs, **kwargs):
+        try:
+            return original(cls, pretrained_model_name_or_path, *inputs, **kwargs)
+        except OSError:
+            config_dict = checkpoints.read_config_dict(pretrained_model_name_or_path, **kwargs)
+            if checkpoints.layout_of(config_dict) == checkpoints.FASTVLM:
+                raise
+        for name in _AUTO_ONLY_KWARGS:
+            kwargs.pop(name, None)
+        return FastVLMImageProcessor.from_pretrained(pretrained_model_name_or_path, **kwargs)
+
+    from_pretrained.__doc__ = original.__doc__
+    from_pretrained.__name__ = original.__name__
+    from_pretrained.__qualname__ = original.__qualname__
+    from_pretrained.answers_fastvlm_checkpoints = True
+    return classmethod(from_pretrained)

@@ -15,7 +15,7 @@ from transformers.activations import ACT2FN
 from transformers.modeling_layers import GradientCheckpointingLayer
 from transformers.modeling_outputs import BaseModelOutputWithPoolingAndNoAttention
 
-from .compat import weight_init
+from .compat import weight_init, without_hub_kernels_unless_asked
 from .configuration_fastvithd import FastViTHDConfig
 from .cpu import kernels
 
@@ -289,6 +289,12 @@ class FastViTHDPreTrainedModel(PreTrainedModel):
     supports_gradient_checkpointing = True  # block by block: every block is a `GradientCheckpointingLayer`
     _no_split_modules = ["FastViTHDModel"]
     _supports_sdpa = True
+
+    @classmethod
+    def from_pretrained(cls, pretrained_model_name_or_path, *model_args, **kwargs):
+        r"""As `PreTrainedModel.from_pretrained`, with no Hub kernels unless `use_kernels=True` asks for them."""
+        kwargs = without_hub_kernels_unless_asked(kwargs)
+        return super().from_pretrained(pretrained_model_name_or_path, *model_args, **kwargs)
 
     def _init_weights(self, module: nn.Module) -> None:
         std = self.config.initializer_range

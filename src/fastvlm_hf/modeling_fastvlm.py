@@ -25,6 +25,7 @@ from .compat import (
     takes_cache,
     tied_weights_keys,
     weight_init,
+    without_hub_kernels_unless_asked,
 )
 from .configuration_fastvlm import FastVLMConfig
 from .cpu.packed_linear import PackedLinear, pack_linear_layers, refuse_to_move_or_cast, unpack_linear_layers
@@ -103,7 +104,11 @@ class FastVLMPreTrainedModel(PreTrainedModel):
 
         With a bitsandbytes `quantization_config`, only the language model's linear layers are quantized: the vision
         tower, the projector and the output head stay in the compute dtype, whatever `llm_int8_skip_modules` says.
+
+        Hub kernels (transformers' `use_kernels`, on by default from transformers 5.25) stay off unless
+        `use_kernels=True` or a `kernel_config` asks for them: no code from the Hub runs unasked.
         """
+        kwargs = without_hub_kernels_unless_asked(kwargs)
         kwargs = quantization.with_unquantized_modules(cls, pretrained_model_name_or_path, kwargs)
         caller_renames = "key_mapping" in kwargs
         key_mapping = None if caller_renames else checkpoints.key_mapping_for(pretrained_model_name_or_path, **kwargs)

@@ -41,6 +41,7 @@ from importlib import metadata
 
 from . import bench, chat, convert, finetune, predict
 from .messages import CLIError
+from .notices import hide_dependency_notices
 
 
 def build_parser() -> argparse.ArgumentParser:
@@ -58,6 +59,7 @@ def main(argv: list[str] | None = None) -> int:
 
 def run(args: argparse.Namespace) -> int:
     """Runs the command that `build_parser` parsed into `args`: one line and exit code 1 for the user's mistakes."""
+    hide_dependency_notices()
     try:
         return args.handler(args)
     except CLIError as error:
