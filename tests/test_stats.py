@@ -93,3 +93,64 @@ def test_timings_as_milliseconds():
 def test_summarize_skips_unmeasured_values():
     assert summarize([3.0, None, 1.0, 2.0]) == (2.0, 1.0, 3.0)
     assert summarize([None, None]) is None
+
+
+class SteppedClock:
+    """A `time.perf_counter` that moves only when told to, so that every phase has a known length."""
+
+    def __init__(self):
+        self.now = 100.0
+
+    def __call__(self):
+        return self.now
+
+    def advance(self, seconds):
+        self.now += seconds
+
+
+class ScriptedVLM(torch.nn.Module):
+    """A model whose prefill embeds the text (0.5 s), runs the vision tower (3 s) and the projector (1 s), then the
+    language model (2 s); each decoding step takes 0.5 s. `generate` streams the prompt, then one token per step."""
+
+    def __init__(self, clock):
+        super().__init__()
+        self.clock = clock
+        self.vision_tower = torch.nn.Identity()
+        self.multi_modal_projector = torch.nn.Identity()
+        self.vision_tower.register_forward_hook(lambda *_: clock.advance(3.0))
+        self.multi_modal_projector.register_forward_hook(lambda *_: clock.advance(1.0))
+
+    def forward(self, prefill):
+        if prefill:
+            self.clock.advance(0.5)
+            self.multi_modal_projector(self.vision_tower(torch.zeros(1)))
+            self.clock.advance(2.0)
+        else:
+            self.clock.advance(0.5)
+
+    def generate(self, streamer, new_tokens):
+        streamer.put(torch.tensor([[1, 2, 3]]))
+        for step in range(new_tokens):
+            self(prefill=step == 0)
+            streamer.put(torch.tensor([4 + step]))
+        streamer.end()
+
+
+def test_phases_on_a_controlled_clock(monkeypatch):
+    """TTFT runs to the first token (not the last), prefill leaves the vision time out, decode spans first to last."""
+    clock = SteppedClock()
+    monkeypatch.setattr(time, "perf_counter", clock)
+    model = ScriptedVLM(clock)
+    with GenerationTimer(model) as timer:
+        with timer.preprocessing():
+            clock.advance(0.25)
+        model.generate(timer.streamer, new_tokens=4)
+    timings = timer.timings(prompt_tokens=3)
+    assert timings.preprocess_s == pytest.approx(0.25)
+    assert timings.vision_s == pytest.approx(4.0)  # tower and projector
+    assert timings.prefill_s == pytest.approx(2.5)  # 0.5 s of embedding + 2 s of language model
+    assert timings.ttft_s == pytest.approx(0.25 + 6.5)  # preprocessing, then the whole first forward
+    assert timings.decode_s == pytest.approx(1.5)  # three steps after the first token
+    assert timings.decode_ms_per_token == pytest.approx(500.0)
+    assert timings.tokens_per_s == pytest.approx(2.0)
+    assert (timings.new_tokens, timings.prompt_tokens) == (4, 3)
