@@ -1,5 +1,5 @@
 """Apple's released checkpoint layout, written out by hand from the list of the Hub checkpoints' keys and shapes (the
-research note on Apple's FastVLM, "Exact state-dict keys of the released checkpoints"), for any tower and language
+table of `docs/checkpoint-layouts.md`, "Weights"), for any tower and language
 model size. It is an independent source: tests build Apple-layout checkpoints from it and check the package's key map
 against it, key for key and shape for shape."""
 

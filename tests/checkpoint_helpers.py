@@ -49,7 +49,7 @@ def build_reference_model(
 
 
 def apple_config_json(model, tokenizer, **overrides):
-    """Apple's flat `llava_qwen2` config.json (every field of the Hub's, `research/reference-fastvlm.md` §4.2) for
+    """Apple's flat `llava_qwen2` config.json (every field of the Hub's, `docs/checkpoint-layouts.md`) for
     `model`, with the tiny tower given explicitly, as the PR branches of Apple's repos do."""
     text, vision = model.config.text_config, model.config.vision_config
     config = {

@@ -8,7 +8,7 @@ The converter's own `--verify` only reloads the output with our code; here the o
 import os
 
 # timm's attention uses `F.scaled_dot_product_attention` unless told not to; Apple's (and ours) is the explicit
-# softmax(q·kᵀ·scale)·v. Read by timm when it is first imported (`research/reference-fastvlm.md` §7).
+# softmax(q·kᵀ·scale)·v. Read by timm when it is first imported (`docs/checkpoint-layouts.md`).
 os.environ.setdefault("TIMM_FUSED_ATTN", "0")
 
 import importlib.util  # noqa: E402

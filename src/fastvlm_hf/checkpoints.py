@@ -5,9 +5,9 @@ A layout is named by the `model_type` its `config.json` carries:
 - `"fastvlm"`: this package's own layout (timm's FastViT names under `model.vision_tower.`, Llava's names around it).
 - `"llava_qwen2"`: Apple's Hub checkpoints (`apple/FastVLM-0.5B`, ...): Apple's FastViT names under
   `model.vision_tower.vision_tower.model.`, `model.mm_projector.{0,2}`, the Qwen2 model directly under `model.`,
-  and a flat LLaVA `config.json` (see `research/reference-fastvlm.md` §1.5 and §4.2).
+  and a flat LLaVA `config.json` (see `docs/checkpoint-layouts.md`).
 - `"fast_vlm"`: transformers' native FastVLM (5.x), whose vision tower is timm's `fastvit_mci3` inside a
-  `TimmWrapperModel`: our names under `model.vision_tower.timm_model.` (`research/transformers-native.md` §1.5).
+  `TimmWrapperModel`: our names under `model.vision_tower.timm_model.` (`docs/checkpoint-layouts.md`).
 
 Each foreign layout has one table of renames to ours. A rule renames a key prefix, with `{n}` standing for a block
 index; rules are tried in order and the first that matches renames the key. Every key is renamed by at most one rule,
