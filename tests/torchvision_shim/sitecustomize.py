@@ -3,7 +3,8 @@
 The test extra's timm pulls torchvision 0.28.0 from PyPI, a CUDA build: its `_C` cannot load on torch's CPU wheel,
 and the import then fails (`operator torchvision::nms does not exist`), breaking timm and transformers' image code.
 Defining in Python the two op schemas that `_C` would register lets it import; its C++ ops stay unusable, and nothing
-here needs them (timm and transformers import Python modules of it only: `torchvision.ops.misc`, `torchvision.transforms`). Does nothing without torchvision, or with one whose `_C` loads.
+here needs them (timm and transformers import Python modules of it only: `torchvision.ops.misc`,
+`torchvision.transforms`). Does nothing without torchvision, or with one whose `_C` loads.
 
 `tests/conftest.py` runs this before anything imports torchvision and, where it applied, puts this folder on the
 `PYTHONPATH` of the tests' subprocesses, where Python runs it at start-up as `sitecustomize`.
