@@ -39,7 +39,9 @@ __all__ = [
     "UntestedTransformersWarning",
     "VLMBaseModelOutput",
     "VLMCausalLMOutput",
-    "image_outputs_kwargs",
+    "generation_inputs_kwargs",
+    "language_model_kwargs",
+    "vlm_output_fields",
     "warn_if_untested_transformers",
     "without_hub_kernels_unless_asked",
     "weight_init",
@@ -83,9 +85,13 @@ except ImportError:
     from transformers.modeling_outputs import CausalLMOutputWithPast as VLMCausalLMOutput
 
 
-def image_outputs_kwargs(image_outputs: Any) -> dict[str, Any]:
-    """`{"image_outputs": image_outputs}` for the output classes that have the field, `{}` for the others."""
-    return {"image_outputs": image_outputs} if "image_outputs" in VLMCausalLMOutput.__dataclass_fields__ else {}
+def vlm_output_fields(cache: Any, image_outputs: Any) -> dict[str, Any]:
+    """The fields of FastVLM's outputs whose names or presence follow the installed transformers: the cache under
+    `CACHE_NAME`, and the image encoder's output where the output classes have `image_outputs` (5.24 on)."""
+    fields = {CACHE_NAME: cache}
+    if "image_outputs" in VLMCausalLMOutput.__dataclass_fields__:
+        fields["image_outputs"] = image_outputs
+    return fields
 
 
 # The name of the KV cache in model inputs, outputs and `generate`'s kwargs: 5.24 renamed `past_key_values` to `cache`
@@ -120,6 +126,23 @@ def tied_weights_keys(target_to_source: dict[str, str]) -> dict[str, str] | list
     if IS_TRANSFORMERS_5:
         return dict(target_to_source)
     return list(target_to_source)
+
+
+def language_model_kwargs(cache: Any, cache_position: Any = None, **kwargs: Any) -> dict[str, Any]:
+    """Keyword arguments for transformers' language model: `kwargs` with the cache under the installed name, and
+    `cache_position` only where the caller passed one (`generate` threads it through up to 5.3; later releases dropped
+    it)."""
+    if cache_position is not None:
+        kwargs["cache_position"] = cache_position
+    return {**kwargs, CACHE_NAME: cache}
+
+
+def generation_inputs_kwargs(kwargs: dict[str, Any], is_first_iteration: bool | None) -> dict[str, Any]:
+    """`prepare_inputs_for_generation`'s keyword arguments with `is_first_iteration` handed back where transformers
+    passed it (5.x, whose base method expects it; 4.x has no such argument)."""
+    if is_first_iteration is not None:
+        kwargs["is_first_iteration"] = is_first_iteration
+    return kwargs
 
 
 def cache_of(outputs_or_kwargs: Any) -> Any:

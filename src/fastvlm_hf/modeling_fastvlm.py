@@ -19,11 +19,13 @@ from .compat import (
     VLMCausalLMOutput,
     cache_of,
     complete_disk_offload,
-    image_outputs_kwargs,
+    generation_inputs_kwargs,
     is_first_generation_step,
+    language_model_kwargs,
     own_layout_save_kwargs,
     takes_cache,
     tied_weights_keys,
+    vlm_output_fields,
     weight_init,
     without_hub_kernels_unless_asked,
 )
@@ -330,8 +332,6 @@ class FastVLMModel(FastVLMPreTrainedModel):
             image_mask = self.get_placeholder_mask(input_ids, inputs_embeds, image_features)
             inputs_embeds = inputs_embeds.masked_scatter(image_mask, image_features)
 
-        if cache_position is not None:  # transformers < 5.4 threads it through; later versions dropped it
-            kwargs["cache_position"] = cache_position
         outputs = self.language_model(
             attention_mask=attention_mask,
             position_ids=position_ids,
@@ -340,16 +340,14 @@ class FastVLMModel(FastVLMPreTrainedModel):
             output_attentions=output_attentions,
             output_hidden_states=output_hidden_states,
             return_dict=True,
-            **{CACHE_NAME: cache},
-            **kwargs,
+            **language_model_kwargs(cache, cache_position, **kwargs),
         )
         output = FastVLMModelOutputWithPast(
             last_hidden_state=outputs.last_hidden_state,
-            **{CACHE_NAME: cache_of(outputs)},
             hidden_states=outputs.hidden_states,
             attentions=outputs.attentions,
-            **image_outputs_kwargs(image_outputs),
             image_hidden_states=image_features,
+            **vlm_output_fields(cache_of(outputs), image_outputs),
         )
         return output if return_dict else output.to_tuple()
 
@@ -462,19 +460,17 @@ class FastVLMForConditionalGeneration(FastVLMPreTrainedModel, GenerationMixin):
         output = FastVLMCausalLMOutputWithPast(
             loss=loss,
             logits=logits,
-            **{CACHE_NAME: cache_of(outputs)},
             hidden_states=outputs.hidden_states,
             attentions=outputs.attentions,
-            **image_outputs_kwargs(outputs.get("image_outputs")),
             image_hidden_states=outputs.image_hidden_states,
+            **vlm_output_fields(cache_of(outputs), outputs.get("image_outputs")),
         )
         return output if return_dict else output.to_tuple()
 
     def prepare_inputs_for_generation(
         self, *args, pixel_values: torch.FloatTensor | None = None, is_first_iteration: bool | None = None, **kwargs
     ) -> dict:
-        if is_first_iteration is not None:  # only 5.x passes it, and its base method expects it
-            kwargs["is_first_iteration"] = is_first_iteration
+        kwargs = generation_inputs_kwargs(kwargs, is_first_iteration)
         model_inputs = super().prepare_inputs_for_generation(*args, **kwargs)
         # Images are encoded once, on the step that fills an empty cache (the prefill; an assistant model's first
         # call in assisted decoding); later steps reuse the cache.
