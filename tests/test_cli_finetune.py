@@ -46,7 +46,8 @@ def warning_lines(stderr: str) -> list[str]:
     of an untested transformers release aside)."""
     notice = "fastvlm-hf: note: fastvlm-hf is tested with"
     return [line for line in stderr.splitlines()
-            if re.search(r"Warning\b|warn|[Dd]eprecat|Failed to|Skipping", line) and not line.startswith(notice)]  # fmt: skip
+            if re.search(r"\w+Warning: |[Dd]eprecat|Failed to load CPU gemm_4bit|Skipping publisher trust check", line)
+            and not line.startswith(notice)]  # fmt: skip
 
 
 def finetune_args(base, data, output, *extra):
