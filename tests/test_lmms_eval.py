@@ -23,6 +23,8 @@ from fastvlm_hf import FastVLMForConditionalGeneration
 
 pytest.importorskip("lmms_eval", reason="lmms-eval is not installed (pip install 'fastvlm-hf[eval]')")
 
+from lmms_eval.api.instance import Instance
+
 from fastvlm_hf.integrations import lmms_eval as plugin
 
 TASK = "fastvlm_tiny_vqa"
@@ -245,3 +247,57 @@ def test_bad_model_arguments_are_one_line_errors(model_args, message, checkpoint
     with pytest.raises(ValueError, match="^fastvlm: .*" + re.escape(message)) as error:
         plugin.FastVLM(**{"pretrained": str(checkpoint), "device": "cpu", **model_args})
     assert "\n" not in str(error.value)
+
+
+def test_apples_layout_and_image_files_answer_as_generate(apple_dir, images, tmp_path):
+    """In-process, as lmms-eval calls the model: a checkpoint in Apple's layout as published, documents whose images
+    are file paths, several of them in one batch."""
+    image_paths = []
+    for index, image in enumerate(images[:2]):
+        image_paths.append(str(tmp_path / f"image{index}.png"))
+        image.save(image_paths[-1])
+    docs = [("Describe the image.", image_paths[:1]), ("Hello world!", []), ("Count the objects.", image_paths)]
+
+    def doc_to_messages(doc):
+        question, paths = doc
+        content = [{"type": "image", "url": path} for path in paths] + [{"type": "text", "text": question}]
+        return [{"role": "user", "content": content}]
+
+    model = plugin.FastVLM(pretrained=str(apple_dir), device="cpu", dtype="float32", batch_size=2)
+    model.task_dict = {"task": {"test": docs}}
+    requests = [
+        Instance(
+            "generate_until",
+            ("", doc_to_messages, {"max_new_tokens": NEW_TOKENS}, doc_id, "task", "test"),
+            idx=0,
+            metadata={"task": "task", "doc_id": doc_id, "repeats": 1},
+        )
+        for doc_id in range(len(docs))
+    ]
+    answers = model.generate_until(requests)
+    assert len(set(answers)) == len(docs)  # answers that depend on the document
+
+    processor = AutoProcessor.from_pretrained(apple_dir)
+    reference = FastVLMForConditionalGeneration.from_pretrained(apple_dir, dtype=torch.float32).eval()
+    reference.pack_weights()
+    for (question, paths), answer in zip(docs, answers):
+        content = [{"type": "image", "image": path} for path in paths] + [{"type": "text", "text": question}]
+        inputs = processor.apply_chat_template(
+            [{"role": "user", "content": content}], add_generation_prompt=True, tokenize=True, return_dict=True,
+            return_tensors="pt",
+        )  # fmt: skip
+        with torch.inference_mode():
+            output = reference.generate(**inputs, max_new_tokens=NEW_TOKENS, do_sample=False)
+        assert answer == processor.decode(output[0, inputs["input_ids"].shape[1] :], skip_special_tokens=True)
+
+
+def test_resolution_and_image_mode_set_the_image_processor(checkpoint):
+    model = plugin.FastVLM(pretrained=str(checkpoint), device="cpu", resolution=256, image_mode="crop")
+    assert model.processor.image_processor.size == {"height": 256, "width": 256}
+    assert model.processor.image_processor.image_mode == "crop"
+
+
+def test_several_processes_are_refused(checkpoint, monkeypatch):
+    monkeypatch.setenv("WORLD_SIZE", "2")
+    with pytest.raises(ValueError, match="fastvlm runs in one process"):
+        plugin.FastVLM(pretrained=str(checkpoint), device="cpu")

@@ -69,8 +69,10 @@ class FastVLM(lmms):
     ) -> None:
         super().__init__()
         if int(os.environ.get("WORLD_SIZE", "1")) > 1:
-            raise ValueError("fastvlm runs in one process: start lmms-eval with python -m lmms_eval, not with several "
-                             "processes (accelerate launch, torchrun); give larger batches with --batch_size")  # fmt: skip
+            raise ValueError(
+                "fastvlm runs in one process: start lmms-eval by itself, not with several processes (accelerate "
+                "launch, torchrun); give larger batches with --batch_size"
+            )
         _check_choice("device", device, DEVICES)
         _check_choice("dtype", dtype, DTYPES)
         if image_mode is not None:
