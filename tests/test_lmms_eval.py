@@ -241,6 +241,8 @@ def test_task_generation_kwargs_become_generates(task_kwargs, expected_kwargs, e
         ({"batch_size": "auto"}, "batch_size (--batch_size) must be a positive whole number, got 'auto'"),
         ({"resolution": 100}, "--resolution 100 is not a multiple of 64"),
         ({"pretrained": "./no-such-folder"}, "model folder not found"),
+        ({"device": "tpu"}, "device=tpu is not one of auto, cpu, cuda, mps"),
+        ({"max_tokens": 8, "temperature": 0}, "unknown model argument max_tokens, temperature; it takes pretrained"),
     ],
 )
 def test_bad_model_arguments_are_one_line_errors(model_args, message, checkpoint):
@@ -299,5 +301,5 @@ def test_resolution_and_image_mode_set_the_image_processor(checkpoint):
 
 def test_several_processes_are_refused(checkpoint, monkeypatch):
     monkeypatch.setenv("WORLD_SIZE", "2")
-    with pytest.raises(ValueError, match="fastvlm runs in one process"):
+    with pytest.raises(ValueError, match="fastvlm: one process only"):
         plugin.FastVLM(pretrained=str(checkpoint), device="cpu")

@@ -27,7 +27,7 @@ from lmms_eval.api.model import lmms
 from transformers import BatchFeature
 
 from ..chat import ContextLengthError, context_length, fit_new_tokens, move_inputs
-from ..cli.loading import load, load_image
+from ..cli.loading import load, load_image, resolve_device
 from ..cli.messages import CLIError
 
 MODEL_NAME = "fastvlm"
@@ -66,14 +66,21 @@ class FastVLM(lmms):
         resolution: int | None = None,
         batch_size: int | str = 1,
         max_batch_size: int | None = None,  # lmms-eval's, for `--batch_size auto`, which needs no bound here
+        **unknown: Any,
     ) -> None:
         super().__init__()
+        if unknown:
+            raise ValueError(
+                f"fastvlm: unknown model argument {', '.join(sorted(unknown))}; it takes pretrained, device, dtype, "
+                "load_in_4bit, load_in_8bit, image_mode and resolution (and lmms-eval's --batch_size)"
+            )
         if int(os.environ.get("WORLD_SIZE", "1")) > 1:
             raise ValueError(
-                "fastvlm runs in one process: start lmms-eval by itself, not with several processes (accelerate "
+                "fastvlm: one process only: start lmms-eval by itself, not with several processes (accelerate "
                 "launch, torchrun); give larger batches with --batch_size"
             )
-        _check_choice("device", device, DEVICES)
+        device = str(device)
+        _check_choice("device", device.split(":")[0], DEVICES)  # and an index: cuda:1
         _check_choice("dtype", dtype, DTYPES)
         if image_mode is not None:
             _check_choice("image_mode", image_mode, IMAGE_MODES)
@@ -87,6 +94,7 @@ class FastVLM(lmms):
             load_in_8bit=bool(load_in_8bit), resolution=resolution, image_mode=image_mode,
         )  # fmt: skip
         try:
+            resolve_device(device.split(":")[0])  # an unavailable device fails here, and says so
             self.processor, self.model = load(options)
         except CLIError as error:
             raise ValueError(f"fastvlm: {error}") from None
