@@ -303,3 +303,39 @@ def test_several_processes_are_refused(checkpoint, monkeypatch):
     monkeypatch.setenv("WORLD_SIZE", "2")
     with pytest.raises(ValueError, match="fastvlm: one process only"):
         plugin.FastVLM(pretrained=str(checkpoint), device="cpu")
+
+
+def test_an_image_that_does_not_open_is_reported_and_the_others_answered(checkpoint, images, tmp_path):
+    from loguru import logger
+
+    images[0].save(tmp_path / "image.png")
+    (tmp_path / "broken.png").write_bytes(b"not an image")
+    docs = [str(tmp_path / "broken.png"), str(tmp_path / "image.png"), str(tmp_path / "missing.png")]
+
+    def doc_to_messages(path):
+        return [{"role": "user", "content": [{"type": "image", "url": path}, {"type": "text", "text": "Describe."}]}]
+
+    model = plugin.FastVLM(pretrained=str(checkpoint), device="cpu", dtype="float32", batch_size=3)
+    model.task_dict = {"task": {"test": docs}}
+    requests = [
+        Instance(
+            "generate_until",
+            ("", doc_to_messages, {"max_new_tokens": NEW_TOKENS}, doc_id, "task", "test"),
+            idx=0,
+            metadata={"task": "task", "doc_id": doc_id, "repeats": 1},
+        )
+        for doc_id in range(len(docs))
+    ]
+    messages = []
+    sink = logger.add(messages.append, format="{message}")
+    try:
+        answers = model.generate_until(requests)
+    finally:
+        logger.remove(sink)
+    assert answers[0] == answers[2] == "" and answers[1] != ""
+    assert [message.strip() for message in messages] == [
+        f"fastvlm: cannot answer document 0 of task task: not an image file Pillow can read: {docs[0]}; it is "
+        "answered with an empty string",
+        f"fastvlm: cannot answer document 2 of task task: image not found: {docs[2]}; it is answered with an empty "
+        "string",
+    ]

@@ -26,7 +26,7 @@ from lmms_eval.api.instance import Instance
 from lmms_eval.api.model import lmms
 from transformers import BatchFeature
 
-from ..chat import ContextLengthError, context_length, fit_new_tokens, move_inputs
+from ..chat import context_length, fit_new_tokens, move_inputs
 from ..cli.loading import load, load_image, resolve_device
 from ..cli.messages import CLIError
 
@@ -178,12 +178,8 @@ class FastVLM(lmms):
         batch = move_inputs(batch, self.model)
         prompt_tokens = batch["input_ids"].shape[1]
         kwargs, stop_strings = generation_kwargs(task_kwargs)
-        try:
-            kwargs["max_new_tokens"] = fit_new_tokens(self.model, prompt_tokens, kwargs["max_new_tokens"])
-        except ContextLengthError:  # each prompt fits by itself (`_prepare`), the padded batch not: one at a time
-            if len(inputs) == 1:
-                raise
-            return [answer for item in inputs for answer in self._answer([item], task_kwargs)]
+        # the longest prompt fits (`_prepare`); the answers get what is left of the context after it
+        kwargs["max_new_tokens"] = fit_new_tokens(self.model, prompt_tokens, kwargs["max_new_tokens"])
         if stop_strings:
             kwargs.update(stop_strings=stop_strings, tokenizer=tokenizer)
         output = self.model.generate(**batch, pad_token_id=tokenizer.pad_token_id, **kwargs)
