@@ -114,10 +114,24 @@ def test_the_kwargs_type_hints_resolve():
     typing.get_type_hints(FastVLMImageProcessorKwargs)
 
 
-@pytest.mark.parametrize("modality", ["videos", "audio"])
+@pytest.mark.parametrize("modality", ["videos", "audio", "audios"])
 def test_only_images_and_text_are_taken(processor, image, modality):
     with pytest.raises(ValueError, match=f"FastVLM takes only images and text; got {modality}"):
         processor(images=[image], text="<image>", **{modality: [np.zeros((4, 3, 8, 8))]})
+    with pytest.raises(ValueError, match=f"FastVLM takes only images and text; got {modality}"):
+        processor(images=[[image], []], text=["<image>", "Hi"], **{modality: [[], [np.zeros((4, 3, 8, 8))]]})
+
+
+@pytest.mark.parametrize("no_media", [None, [], [[], []]])
+def test_empty_videos_and_audio_are_accepted(processor, image, no_media):
+    """Generic callers (lmms-eval's chat models) pass empty media lists, or one empty list per text."""
+    texts = ["<image>\nDescribe the image.", "Hello world!"]
+    expected = processor(images=[[image], []], text=texts, padding=True, return_tensors="pt")
+    out = processor(images=[[image], []], text=texts, padding=True, return_tensors="pt", videos=no_media,
+                    audio=no_media, audios=no_media)  # fmt: skip
+    assert out.keys() == expected.keys()
+    for key in expected:
+        assert torch.equal(out[key], expected[key])
 
 
 def test_images_are_matched_to_their_texts(processor, tiny_tokenizer, image):

@@ -191,8 +191,8 @@ class FastVLMProcessor(ProcessorMixin):
             characters in the text), `"new_span"` (the characters of its replacement in the expanded text), `"text"`
             and `"replacement"`.
         """
-        for modality in ("videos", "audio"):
-            if kwargs.pop(modality, None) is not None:
+        for modality in ("videos", "audio", "audios"):
+            if _holds_media(kwargs.pop(modality, None)):
                 raise ValueError(f"FastVLM takes only images and text; got {modality}.")
         if images is None and text is None:
             raise ValueError("Nothing to process: pass `text`, `images` or both.")
@@ -319,6 +319,14 @@ def _add_image_token(tokenizer, image_token: str, image_token_id: int) -> None:
 # transformers 4.x finds the processor's parts through class attributes (empty on 5.x; see compat).
 for _name, _value in PROCESSOR_CLASS_ATTRIBUTES.items():
     setattr(FastVLMProcessor, _name, _value)
+
+
+def _holds_media(value: Any) -> bool:
+    """Whether a `videos` or `audio` argument holds anything: generic callers pass `None` or empty lists (one per
+    text) when there is none."""
+    if isinstance(value, (list, tuple)):
+        return any(_holds_media(item) for item in value)
+    return value is not None
 
 
 def _count(number: int, noun: str) -> str:

@@ -1,1 +1,2 @@
-"""Integrations of FastVLM with serving engines; each module is loaded by the engine itself, never at import."""
+"""Integrations of FastVLM with serving engines and evaluation harnesses; each module is loaded by its engine or harness
+itself, never at import."""
