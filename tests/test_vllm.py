@@ -411,7 +411,10 @@ SOAK_CLIENTS = 8
 SOAK_BAD_EVERY = 10  # every tenth request is malformed
 SOAK_WARMUP = 20  # the server's memory after this many requests is the baseline
 SOAK_SECONDS = 600  # the whole load, at most
-SOAK_RSS_GROWTH = 0.05  # the server's resident memory may grow by this fraction of the baseline over the rest
+# The server's resident memory may grow by this fraction of the baseline over the rest. It still grows, more and more
+# slowly, over the first few hundred requests (by 4-6% over these 180 on a 2-core CPU); a leak of more than about
+# 1.3 MiB a request (10% of ~2.3 GiB over 180 requests) exceeds the bound, a smaller one needs a longer soak to show.
+SOAK_RSS_GROWTH = 0.10
 
 
 def truncated_base64(client):
@@ -473,13 +476,14 @@ def soak_request(client, index: int, expected_cases) -> tuple[float, str | None]
 def test_server_holds_a_bounded_load_with_bad_requests_mixed_in(client, server, expected, capsys):
     """200 requests from 8 concurrent clients, one in ten malformed (each kind in turn): every good one answered with
     the tokens `generate` gives the prompt alone, every bad one refused with a 4xx that says why, no process of the
-    server replaced, and its resident memory after the load within 5% of what it was after the first 20 requests."""
+    server replaced, and its resident memory after the load within 10% of what it was after the first 20 requests."""
     expected_cases = expected[checkpoints.FASTVLM]
     processes_before = set(server_processes(server))
     deadline = time.monotonic() + SOAK_SECONDS
-    results = []
+    results, rss = [], []  # rss: the server's resident memory after every SOAK_WARMUP requests
     with concurrent.futures.ThreadPoolExecutor(SOAK_CLIENTS) as pool:
-        for indices in (range(SOAK_WARMUP), range(SOAK_WARMUP, SOAK_REQUESTS)):
+        for first in range(0, SOAK_REQUESTS, SOAK_WARMUP):
+            indices = range(first, min(first + SOAK_WARMUP, SOAK_REQUESTS))
             futures = [pool.submit(soak_request, client, index, expected_cases) for index in indices]
             try:
                 for future in concurrent.futures.as_completed(futures, timeout=deadline - time.monotonic()):
@@ -487,10 +491,9 @@ def test_server_holds_a_bounded_load_with_bad_requests_mixed_in(client, server, 
             except concurrent.futures.TimeoutError:
                 pool.shutdown(cancel_futures=True)
                 pytest.fail(f"{len(results)} of {SOAK_REQUESTS} requests answered in {SOAK_SECONDS} s")
-            if len(results) == SOAK_WARMUP:
-                baseline = server_rss(server)
-    final = server_rss(server)
+            rss.append(server_rss(server))
     wall = SOAK_SECONDS - (deadline - time.monotonic())
+    baseline, final = rss[0], rss[-1]
 
     latencies = sorted(latency for latency, _ in results)
     problems = [problem for _, problem in results if problem is not None]
@@ -501,7 +504,8 @@ def test_server_holds_a_bounded_load_with_bad_requests_mixed_in(client, server, 
         print(f"\nserver soak: {len(results)} requests ({bad} malformed) from {SOAK_CLIENTS} clients in {wall:.1f} s, "
               f"{len(problems)} answered wrongly; latency p50 {percentiles[49]:.3f} s, p95 {percentiles[94]:.3f} s; "
               f"resident memory {baseline / 2**20:.0f} MiB after {SOAK_WARMUP} requests, {final / 2**20:.0f} MiB after "
-              f"{SOAK_REQUESTS} ({growth:+.1%})")  # fmt: skip
+              f"{SOAK_REQUESTS} ({growth:+.1%}); every {SOAK_WARMUP} requests: "
+              f"{', '.join(f'{value / 2**20:.0f}' for value in rss)} MiB")  # fmt: skip
     assert problems == []
     assert server.process.poll() is None and set(server_processes(server)) == processes_before  # no restarts
     assert growth <= SOAK_RSS_GROWTH
