@@ -3,6 +3,7 @@ its output), resuming, and bad data stopping it before training."""
 
 import json
 import os
+import shutil
 import subprocess
 import sys
 
@@ -104,11 +105,19 @@ sys.exit(main(sys.argv[2:]))
 
 
 def test_a_run_killed_mid_step_resumes_past_a_half_saved_checkpoint_to_the_same_adapter(base, data, tmp_path, capsys):
+    from test_cli import unreachable_hub
+
     steps = ["--max-steps", "6", "--save-steps", "2", "--no-gradient-checkpointing"]
     output = tmp_path / "killed"
+    # The killed run loads the base as a Hub model in the cache, the Hub out of reach: one request, then the cache.
+    cached = tmp_path / "hf-home" / "hub" / "models--nobody--tiny-fastvlm"
+    shutil.copytree(base, cached / "snapshots" / ("0" * 40))
+    (cached / "refs").mkdir()
+    (cached / "refs" / "main").write_text("0" * 40)
     command = [sys.executable, "-c", _FINETUNE_STOPPING_MID_STEP, str(output / "checkpoint-2")]
-    killed = subprocess.Popen(command + finetune_args(base, data, output, *steps), stdout=subprocess.PIPE,
-                              stderr=subprocess.DEVNULL, text=True, env=ENV)  # fmt: skip
+    killed = subprocess.Popen(command + finetune_args("nobody/tiny-fastvlm", data, output, *steps), cwd=tmp_path,
+                              stdout=subprocess.PIPE, stderr=(tmp_path / "killed.log").open("w"), text=True,
+                              env=unreachable_hub(tmp_path))  # fmt: skip
     try:
         uninterrupted = tmp_path / "uninterrupted"  # meanwhile
         assert main(finetune_args(base, data, uninterrupted, *steps)) == 0
@@ -118,6 +127,9 @@ def test_a_run_killed_mid_step_resumes_past_a_half_saved_checkpoint_to_the_same_
     finally:
         killed.kill()
         killed.stdout.close()
+    log = (tmp_path / "killed.log").read_text()
+    assert "No connection to the Hugging Face Hub: using the cached copy of nobody/tiny-fastvlm." in log
+    assert "Retrying in" not in log and "thrown while requesting" not in log  # huggingface_hub's retries
     assert (output / "checkpoint-2").is_dir() and not (output / "checkpoint-4").exists()
     assert not (output / "adapter").exists()
 

@@ -105,8 +105,7 @@ def run(args: argparse.Namespace) -> int:
 
 
 def _load_model_for_training(args: argparse.Namespace, device: str, dtype, local_files_only: bool):
-    from transformers import AutoModelForImageTextToText
-
+    from ..modeling_fastvlm import FastVLMForConditionalGeneration
     from ..training import prepare_model_for_training
 
     quantization = quantization_config(args, device)
@@ -116,7 +115,9 @@ def _load_model_for_training(args: argparse.Namespace, device: str, dtype, local
     bits = " 4-bit" if args.load_in_4bit else " 8-bit" if args.load_in_8bit else ""
     status(f"Loading model {args.model} on {device} ({str(dtype).removeprefix('torch.')}{bits}) ...")
     try:
-        model = AutoModelForImageTextToText.from_pretrained(args.model, **kwargs)
+        # FastVLM's own class, as predict: it loads every layout, and with local_files_only it asks the Hub for nothing
+        # (the Auto classes still look for an adapter config there)
+        model = FastVLMForConditionalGeneration.from_pretrained(args.model, **kwargs)
     except (OSError, ValueError, ImportError) as error:
         raise CLIError(describe_load_error(args.model, error)) from error
     if quantization is not None:

@@ -102,7 +102,8 @@ def merge_adapter(base_model: str | os.PathLike, adapter: str | os.PathLike, dty
     whose `save_pretrained` writes this package's layout. The base is loaded unquantized (in `dtype`), also for an
     adapter trained on a 4-bit model: merging into 4-bit weights would round the sum."""
     from peft import PeftModel
-    from transformers import AutoModelForImageTextToText
 
-    base = AutoModelForImageTextToText.from_pretrained(base_model, dtype=dtype, **kwargs)
+    from ..modeling_fastvlm import FastVLMForConditionalGeneration
+
+    base = FastVLMForConditionalGeneration.from_pretrained(base_model, dtype=dtype, **kwargs)
     return PeftModel.from_pretrained(base, os.fspath(adapter)).merge_and_unload()
