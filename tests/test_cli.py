@@ -359,6 +359,47 @@ def test_chat_subprocess_with_piped_questions(checkpoint, image_path, monkeypatc
     assert result.stdout == in_process.encode() and len(in_process.strip()) > 0
 
 
+def test_a_chat_past_the_context_ends_the_turn_with_one_line_and_goes_on_after_reset(
+    checkpoint, reference, image_path, tmp_path, monkeypatch, capsys
+):
+    processor, _ = reference
+    short = tmp_path / "short-context"
+    shutil.copytree(checkpoint, short)
+    config = json.loads((short / "config.json").read_text())
+    limit = reference_inputs(processor, [image_path], PROMPT)["input_ids"].shape[1] + 40  # room for a few turns
+    config["text_config"]["max_position_embeddings"] = limit
+    (short / "config.json").write_text(json.dumps(config))
+    held = []  # after each turn: tokens of the conversation, tokens in its cache, messages
+    ask = ChatSession.ask
+
+    def recording_ask(session, *args, **kwargs):
+        try:
+            return ask(session, *args, **kwargs)
+        finally:
+            if session.input_ids is not None:
+                held.append((session.input_ids.shape[1], session.cache.get_seq_length(), len(session.messages)))
+
+    monkeypatch.setattr(ChatSession, "ask", recording_ask)
+    questions = [PROMPT, *["What colour is the square?"] * 48]
+    captured = run_chat(monkeypatch, capsys, short, image_path, [*questions, "/reset", PROMPT])
+
+    lines = captured.err.splitlines()
+    full = [index for index, line in enumerate(lines) if "has filled the model's context" in line]
+    assert len(full) == 1, captured.err
+    assert lines[full[0]] == (f"fastvlm-hf: the conversation has filled the model's context ({limit} tokens), so the "
+                              "answer stops here; /reset starts a new conversation about the same image")  # fmt: skip
+    refused = lines[full[0] + 1 :][: -1]  # then each question that no longer fits, one line each; then /reset's line
+    answered = len(questions) - len(refused)
+    assert 1 < answered < len(questions) - 10  # the context filled after a few turns, and the chat went on asking
+    assert all(re.fullmatch(r"fastvlm-hf: error: the prompt is \d+ tokens but the model's context holds "
+                            rf"{limit} .*; /reset starts a new conversation", line) for line in refused), refused  # fmt: skip
+    assert lines[-1] == "New conversation about the same image." and "Traceback" not in captured.err
+    answers = captured.out.splitlines()
+    assert len(answers) == answered + 1 and answers[-1] == expected_answer(reference, [image_path], PROMPT, 6)
+    assert all(tokens <= limit and cached <= limit for tokens, cached, _ in held)  # memory bounded by the context
+    assert len({messages for _, _, messages in held[answered - 1 : -1]}) == 1  # refused turns keep nothing
+
+
 # --------------------------------------------------------------------------------------------------
 # bench
 

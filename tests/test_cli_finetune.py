@@ -4,11 +4,13 @@ its output), resuming, and bad data stopping it before training."""
 import json
 import os
 import re
+import shutil
 import subprocess
 import sys
 
 import pytest
 from PIL import Image
+from safetensors.torch import load_file
 from training_helpers import COLOURS, build_trainable_model, user
 
 from fastvlm_hf.cli import main
@@ -93,7 +95,87 @@ def test_resume_continues_from_the_last_checkpoint(base, data, tmp_path, capsys)
 
 def test_resume_without_a_checkpoint_is_a_one_line_error(base, data, tmp_path, capsys):
     assert main(finetune_args(base, data, tmp_path / "empty", "--resume")) == 1
-    assert capsys.readouterr().err.startswith("fastvlm-hf: error: --resume: no checkpoint in")
+    assert capsys.readouterr().err.startswith("fastvlm-hf: error: --resume: no complete checkpoint in")
+
+
+# Runs `fastvlm-hf finetune` with its arguments, and stops for good in the first training step after the checkpoint
+# CHECKPOINT is complete (as the step begins), printing "in step" then.
+_FINETUNE_STOPPING_MID_STEP = """
+import os, sys, time
+from transformers import Trainer
+from fastvlm_hf.cli import main
+checkpoint_state = os.path.join(sys.argv[1], "trainer_state.json")  # written last
+training_step = Trainer.training_step
+def stop_past_the_checkpoint(*args, **kwargs):
+    if os.path.exists(checkpoint_state):
+        print("in step", flush=True)
+        time.sleep(600)
+    return training_step(*args, **kwargs)
+Trainer.training_step = stop_past_the_checkpoint
+sys.exit(main(sys.argv[2:]))
+"""
+
+
+def test_a_run_killed_mid_step_resumes_past_a_half_saved_checkpoint_to_the_same_adapter(base, data, tmp_path, capsys):
+    from test_cli import unreachable_hub
+
+    steps = ["--max-steps", "6", "--save-steps", "2", "--no-gradient-checkpointing"]
+    output = tmp_path / "killed"
+    # The killed run loads the base as a Hub model in the cache, the Hub out of reach: one request, then the cache.
+    cached = tmp_path / "hf-home" / "hub" / "models--nobody--tiny-fastvlm"
+    shutil.copytree(base, cached / "snapshots" / ("0" * 40))
+    (cached / "refs").mkdir()
+    (cached / "refs" / "main").write_text("0" * 40)
+    command = [sys.executable, "-c", _FINETUNE_STOPPING_MID_STEP, str(output / "checkpoint-2")]
+    killed = subprocess.Popen(command + finetune_args("nobody/tiny-fastvlm", data, output, *steps), cwd=tmp_path,
+                              stdout=subprocess.PIPE, stderr=(tmp_path / "killed.log").open("w"), text=True,
+                              env=unreachable_hub(tmp_path))  # fmt: skip
+    try:
+        uninterrupted = tmp_path / "uninterrupted"  # meanwhile
+        assert main(finetune_args(base, data, uninterrupted, *steps)) == 0
+        assert "in step\n" in killed.stdout  # step 3, after checkpoint-2 (the lines before: the Trainer's logs)
+        killed.kill()
+        assert killed.wait(timeout=60) == -9
+    finally:
+        killed.kill()
+        killed.stdout.close()
+    log = (tmp_path / "killed.log").read_text()
+    assert "No connection to the Hugging Face Hub: using the cached copy of nobody/tiny-fastvlm." in log
+    assert "Retrying in" not in log and "thrown while requesting" not in log  # huggingface_hub's retries
+    assert (output / "checkpoint-2").is_dir() and not (output / "checkpoint-4").exists()
+    assert not (output / "adapter").exists()
+
+    # A kill while checkpoint-4 was being saved: half of its weights written, the rest missing.
+    half_saved = output / "checkpoint-4"
+    half_saved.mkdir()
+    weights = (output / "checkpoint-2" / "adapter_model.safetensors").read_bytes()
+    (half_saved / "adapter_model.safetensors").write_bytes(weights[: len(weights) // 2])
+
+    capsys.readouterr()
+    assert main(finetune_args(base, data, output, *steps, "--resume")) == 0
+    err = capsys.readouterr().err
+    assert f"{half_saved} was not saved completely (the run was stopped while saving it); it is passed over" in err
+    assert f"Resuming from {output / 'checkpoint-2'}" in err
+    resumed = load_file(output / "adapter" / "adapter_model.safetensors")
+    expected = load_file(uninterrupted / "adapter" / "adapter_model.safetensors")
+    assert resumed.keys() == expected.keys()
+    assert all(resumed[name].equal(expected[name]) for name in expected)  # bit for bit: same seed, data order, RNG
+
+
+def test_an_unreachable_hub_ends_the_wait_at_once_with_one_line(data, tmp_path):
+    from test_cli import unreachable_hub, without_the_untested_release_notice
+
+    model = "apple/FastVLM-0.5B"
+    argv = ["finetune", "--model", model, "--data", str(data), "--output", str(tmp_path / "run")]
+    result = subprocess.run(COMMAND + argv, cwd=tmp_path, capture_output=True, text=True, timeout=120,
+                            env=unreachable_hub(tmp_path))  # fmt: skip
+    assert result.returncode == 1
+    assert without_the_untested_release_notice(result.stderr.strip()) == [
+        f"fastvlm-hf: error: cannot download model {model!r} (no connection to the Hugging Face Hub?): it is neither in "
+        "the local cache nor a local folder; connect once to download it, or pass a local folder with --model PATH "
+        "(HF_HUB_OFFLINE=1 then uses the cache only)"
+    ]
+    assert not (tmp_path / "run").exists()
 
 
 def test_bad_rows_stop_the_run_before_training_unless_skipped(base, data, tmp_path, capsys):

@@ -438,3 +438,42 @@ def test_the_conversion_script_runs_the_convert_command(tmp_path, apple_dir):
     )
     assert result.returncode == 0, result.stderr
     assert (tmp_path / "out" / "model.safetensors.index.json").exists() and (tmp_path / "out" / "README.md").exists()
+
+
+# Runs `fastvlm-hf convert` with its arguments, stopping for good once the weights are written, and printing the folder
+# they went to: a conversion that a SIGKILL can catch half-written.
+_CONVERT_THEN_HANG = """
+import sys, time
+from fastvlm_hf import conversion
+from fastvlm_hf.cli import main
+save = conversion.save_fastvlm_layout
+def save_then_hang(model, processor, folder, max_shard_size):
+    save(model, processor, folder, max_shard_size)
+    print(folder, flush=True)
+    time.sleep(600)
+conversion.save_fastvlm_layout = save_then_hang
+sys.exit(main(sys.argv[1:]))
+"""
+
+
+def test_the_next_run_removes_what_a_killed_one_left_and_keeps_what_a_live_one_writes(tmp_path, apple_dir, capsys):
+    output = tmp_path / "out"
+    command = [sys.executable, "-c", _CONVERT_THEN_HANG, "convert", str(apple_dir), str(output)]
+    env = {**os.environ, "HF_HUB_OFFLINE": "1", "HF_HUB_DISABLE_PROGRESS_BARS": "1"}
+    killed, live = (subprocess.Popen(command, stdout=subprocess.PIPE, text=True, env=env) for _ in range(2))
+    try:
+        stale, writing = (Path(process.stdout.readline().strip()) for process in (killed, live))
+        killed.kill()
+        killed.wait(timeout=60)
+        assert (stale / "config.json").exists() and (writing / "config.json").exists()
+        assert stale.parent == writing.parent == tmp_path and stale != writing
+
+        assert main(["convert", str(apple_dir), str(output)]) == 0
+        assert f"Removed {stale}, left by an earlier run for out that was interrupted." in capsys.readouterr().err
+        assert sorted(tmp_path.iterdir()) == [writing, output]
+        assert (writing / "config.json").exists()
+    finally:
+        for process in (killed, live):
+            process.kill()
+            process.wait(timeout=60)
+            process.stdout.close()

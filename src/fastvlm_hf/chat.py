@@ -109,6 +109,13 @@ class ChatSession:
         self.prompt_tokens = 0  # length of the last turn's input, the conversation before its answer
 
     @property
+    def context_is_full(self) -> bool:
+        """Whether the conversation so far fills the model's context: the last answer stopped where the context ends,
+        and no further question fits (the next `ask` raises `ContextLengthError`) until `reset`."""
+        limit = context_length(self.model)
+        return limit is not None and self.input_ids is not None and self.input_ids.shape[1] >= limit
+
+    @property
     def will_encode_images(self) -> bool:
         """Whether the next turn runs the vision encoder: the first turn about images not encoded before."""
         return self.input_ids is None and self._image_prefix is None

@@ -21,9 +21,10 @@ export scripts are to take.
 `--push-to-hub REPO` uploads the folder to the Hub model repo REPO (created if missing), after `--verify` passed.
 
 The output folder appears only once complete (and verified, with `--verify`): the conversion writes a hidden sibling
-folder and renames it at the end, so that a failure or an interruption leaves nothing behind. An existing output
-folder is replaced only with `--overwrite`, and only then; an output that is, holds or lies inside the source folder
-is refused.
+folder and renames it at the end, so that a failure or an interruption leaves nothing behind; the hidden folder of a
+run that was killed outright is removed by the next run for the same output (see `complete_or_nothing`). An existing
+output folder is replaced only with `--overwrite`, and only then; an output that is, holds or lies inside the source
+folder is refused.
 
 Weights are read safely: safetensors, or `.bin` files through `torch.load(weights_only=True)` (transformers'
 `from_pretrained` default on 4.57 and 5.x, passed explicitly here), which refuses pickled objects other than tensors.
@@ -32,6 +33,7 @@ Weights are read safely: safetensors, or `.bin` files through `torch.load(weight
 from __future__ import annotations
 
 import contextlib
+import glob
 import json
 import os
 import pickle
@@ -39,6 +41,11 @@ import secrets
 import shutil
 import sys
 from pathlib import Path
+
+try:
+    import fcntl
+except ImportError:  # Windows
+    fcntl = None
 
 import numpy as np
 import torch
@@ -138,12 +145,19 @@ def check_output(source: str, output: Path, overwrite: bool = False) -> None:
 @contextlib.contextmanager
 def complete_or_nothing(output: Path):
     """A new hidden folder beside `output` to write into, which becomes `output` (replacing what was there) once the
-    block ends, or is removed with the parent folders made for it when the block raises or is interrupted."""
+    block ends, or is removed with the parent folders made for it when the block raises or is interrupted.
+
+    A run that was killed (SIGKILL, power loss) leaves its hidden folder behind; the next run for the same `output`
+    removes it and says so on stderr. The writing process holds an exclusive `flock` on its folder until the block
+    ends, and the kernel drops that lock when the process dies: a folder whose lock can be taken has no writer left,
+    while one another run is still writing is locked and kept. (Where there is no `flock`, e.g. on Windows, such
+    folders are kept.)"""
     output = Path(os.path.abspath(output))  # "." and ".." have no name to put beside
     missing_parents = [parent for parent in output.parents if not parent.exists()]
     output.parent.mkdir(parents=True, exist_ok=True)
-    folder = output.with_name(f".{output.name}.partial-{secrets.token_hex(4)}")
-    folder.mkdir()
+    for stale in remove_stale_partials(output):
+        print(f"Removed {stale}, left by an earlier run for {output.name} that was interrupted.", file=sys.stderr)
+    folder, lock = _new_partial(output)
     try:
         yield folder
         _replace(output, folder)
@@ -153,6 +167,57 @@ def complete_or_nothing(output: Path):
             with contextlib.suppress(OSError):
                 parent.rmdir()
         raise
+    finally:
+        if lock is not None:
+            os.close(lock)
+
+
+def _partial_prefix(output: Path) -> str:
+    return f".{output.name}.partial-"
+
+
+def _new_partial(output: Path) -> tuple[Path, int | None]:
+    """A new, empty partial folder for `output`, locked, and the descriptor that holds its lock (None without flock)."""
+    while True:
+        folder = output.with_name(f"{_partial_prefix(output)}{secrets.token_hex(4)}")
+        folder.mkdir()
+        if fcntl is None:
+            return folder, None
+        lock = os.open(folder, os.O_RDONLY)
+        fcntl.flock(lock, fcntl.LOCK_EX)  # waits while another run's cleanup holds it
+        with contextlib.suppress(FileNotFoundError):
+            if os.path.samestat(os.fstat(lock), os.stat(folder)):
+                return folder, lock
+        os.close(lock)  # another run removed it in the instant between mkdir and flock: take a new name
+
+
+def remove_stale_partials(output: Path) -> list[Path]:
+    """Removes the partial folders of `output` that no live process holds locked (see `complete_or_nothing`), and
+    returns them."""
+    if fcntl is None:
+        return []
+    output = Path(os.path.abspath(output))
+    removed = []
+    for folder in sorted(output.parent.glob(f"{glob.escape(_partial_prefix(output))}*")):
+        if folder.is_symlink() or not folder.is_dir():
+            continue
+        try:
+            lock = os.open(folder, os.O_RDONLY)
+        except OSError:  # gone meanwhile, or not ours to open
+            continue
+        try:
+            fcntl.flock(lock, fcntl.LOCK_EX | fcntl.LOCK_NB)
+        except OSError:  # locked: a live run is writing it
+            os.close(lock)
+            continue
+        try:
+            shutil.rmtree(folder)
+            removed.append(folder)
+        except FileNotFoundError:
+            pass
+        finally:
+            os.close(lock)
+    return removed
 
 
 def _replace(output: Path, folder: Path) -> None:

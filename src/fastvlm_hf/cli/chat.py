@@ -75,7 +75,7 @@ def _chat_command(session, line: str) -> bool:
 def _chat_turn(session, processor, question: str) -> None:
     from transformers import TextStreamer
 
-    from ..chat import ContextLengthError
+    from ..chat import ContextLengthError, context_length
 
     if session.will_encode_images:
         status("Encoding image ...")
@@ -83,6 +83,9 @@ def _chat_turn(session, processor, question: str) -> None:
     try:
         refuse_image_placeholders(question, processor.image_token, "question")
         session.ask(question, streamer=streamer)
+        if session.context_is_full:
+            status(f"fastvlm-hf: the conversation has filled the model's context ({context_length(session.model)} "
+                   f"tokens), so the answer stops here; /reset starts a new conversation about the same image")
     except CLIError as error:
         status(f"fastvlm-hf: error: {error}")
     except ContextLengthError as error:

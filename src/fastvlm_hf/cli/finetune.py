@@ -6,7 +6,7 @@ from __future__ import annotations
 import argparse
 import os
 
-from .loading import load_processor, quantization_config, resolve_device, resolve_dtype
+from .loading import from_cache_only, load_processor, local_folder, quantization_config, resolve_device, resolve_dtype
 from .messages import CLIError, describe_load_error, first_line, status
 from .options import add_command, add_model_options, positive_int
 
@@ -63,11 +63,13 @@ def add_parser(commands) -> None:
 def run(args: argparse.Namespace) -> int:
     from ..training import DataError, FastVLMDataCollator, load_rows
 
-    if args.resume and not _last_checkpoint(args.output):
-        raise CLIError(f"--resume: no checkpoint in {args.output} to continue from; run without --resume")
+    checkpoint = _checkpoint_to_resume(args.output) if args.resume else None
     device = resolve_device(args.device)
     dtype = resolve_dtype(args.dtype, device)
-    processor = load_processor(args.model, args.resolution, args.image_mode)
+    folder = local_folder(args.model)
+    args.model = folder or args.model
+    cache_only = folder is None and from_cache_only(args.model)
+    processor = load_processor(args.model, args.resolution, args.image_mode, local_files_only=cache_only)
     collator = FastVLMDataCollator(processor, max_length=args.max_length)
     datasets = {}
     for name, path in (("training", args.data), ("evaluation", args.eval_data)):
@@ -85,9 +87,9 @@ def run(args: argparse.Namespace) -> int:
         skipped = len(datasets[name].skipped)
         status(f"{len(datasets[name].rows)} {name} rows" + (f", {skipped} bad rows skipped" if skipped else ""))
 
-    model = _load_model_for_training(args, device, dtype)
+    model = _load_model_for_training(args, device, dtype, cache_only)
     trainer = _trainer(args, model, processor, datasets, device, dtype)
-    trainer.train(resume_from_checkpoint=True if args.resume else None)
+    trainer.train(resume_from_checkpoint=checkpoint)
 
     adapter = os.path.join(args.output, ADAPTER_FOLDER)
     trainer.save_model(adapter)
@@ -95,26 +97,27 @@ def run(args: argparse.Namespace) -> int:
     if args.merge:
         merged = os.path.join(args.output, MERGED_FOLDER)
         status("Merging the adapter into the model ...")
-        _merge(args.model, adapter, merged, processor, dtype)
+        _merge(args.model, adapter, merged, processor, dtype, cache_only)
         status(f"Adapter saved to {adapter}; merged model saved to {merged}")
     else:
         status(f"Adapter saved to {adapter}")
     return 0
 
 
-def _load_model_for_training(args: argparse.Namespace, device: str, dtype):
-    from transformers import AutoModelForImageTextToText
-
+def _load_model_for_training(args: argparse.Namespace, device: str, dtype, local_files_only: bool):
+    from ..modeling_fastvlm import FastVLMForConditionalGeneration
     from ..training import prepare_model_for_training
 
     quantization = quantization_config(args, device)
-    kwargs = {"dtype": dtype, "device_map": device}
+    kwargs = {"dtype": dtype, "device_map": device, "local_files_only": local_files_only}
     if quantization is not None:
         kwargs["quantization_config"] = quantization
     bits = " 4-bit" if args.load_in_4bit else " 8-bit" if args.load_in_8bit else ""
     status(f"Loading model {args.model} on {device} ({str(dtype).removeprefix('torch.')}{bits}) ...")
     try:
-        model = AutoModelForImageTextToText.from_pretrained(args.model, **kwargs)
+        # FastVLM's own class, as predict: it loads every layout, and with local_files_only it asks the Hub for nothing
+        # (the Auto classes still look for an adapter config there)
+        model = FastVLMForConditionalGeneration.from_pretrained(args.model, **kwargs)
     except (OSError, ValueError, ImportError) as error:
         raise CLIError(describe_load_error(args.model, error)) from error
     if quantization is not None:
@@ -174,15 +177,22 @@ def _trainer(args: argparse.Namespace, model, processor, datasets: dict, device:
     )
 
 
-def _merge(model_id: str, adapter: str, output: str, processor, dtype) -> None:
+def _merge(model_id: str, adapter: str, output: str, processor, dtype, local_files_only: bool) -> None:
     from ..training import merge_adapter
 
-    merged = merge_adapter(model_id, adapter, dtype=dtype)
+    merged = merge_adapter(model_id, adapter, dtype=dtype, local_files_only=local_files_only)
     merged.save_pretrained(output)
     processor.save_pretrained(output)
 
 
-def _last_checkpoint(output: str) -> str | None:
-    from transformers.trainer_utils import get_last_checkpoint
+def _checkpoint_to_resume(output: str) -> str:
+    """The last checkpoint in `output` that was saved completely; one whose saving was cut short is passed over."""
+    from ..training import last_complete_checkpoint
 
-    return get_last_checkpoint(output) if os.path.isdir(output) else None
+    checkpoint, incomplete = last_complete_checkpoint(output)
+    for folder in incomplete:
+        status(f"{folder} was not saved completely (the run was stopped while saving it); it is passed over")
+    if checkpoint is None:
+        raise CLIError(f"--resume: no complete checkpoint in {output} to continue from; run without --resume")
+    status(f"Resuming from {checkpoint}")
+    return checkpoint

@@ -12,7 +12,7 @@ see `collator.py` for what the collator makes of them and `data.py` for the chec
 from .adapters import check_trainable, lora_config, lora_target_modules, prepare_model_for_training
 from .collator import IGNORE_INDEX, FastVLMDataCollator, RowError, load_image
 from .data import BadRow, DataError, TrainingRows, find_bad_rows, load_rows, read_jsonl
-from .trainer import SFT_DATA_SETTINGS, merge_adapter, sft_trainer, to_dataset
+from .trainer import SFT_DATA_SETTINGS, last_complete_checkpoint, merge_adapter, sft_trainer, to_dataset
 
 __all__ = [
     "IGNORE_INDEX",
@@ -25,6 +25,7 @@ __all__ = [
     "check_trainable",
     "find_bad_rows",
     "load_image",
+    "last_complete_checkpoint",
     "load_rows",
     "merge_adapter",
     "lora_config",

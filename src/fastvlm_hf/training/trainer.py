@@ -1,8 +1,11 @@
-"""TRL's `SFTTrainer` set up for FastVLM rows, and the merge of a trained adapter into its base model."""
+"""TRL's `SFTTrainer` set up for FastVLM rows, the checkpoint a stopped run resumes from, and the merge of a trained
+adapter into its base model."""
 
 from __future__ import annotations
 
+import json
 import os
+import re
 from collections.abc import Sequence
 from typing import Any
 
@@ -68,12 +71,39 @@ def _as_dataset(rows):
     return rows if isinstance(rows, Dataset) else to_dataset(rows)
 
 
+def last_complete_checkpoint(output: str | os.PathLike) -> tuple[str | None, list[str]]:
+    """The newest `checkpoint-N` folder in `output` that the Trainer finished saving (or None), and the newer ones it
+    did not finish, newest first.
+
+    The Trainer writes a checkpoint's `trainer_state.json` after everything else in it (weights, optimizer, scheduler,
+    RNG states), so a checkpoint whose state file is missing or does not parse was cut short (e.g. the process was
+    killed while saving it), and resuming from it would fail or continue from a mix of two steps."""
+    if not os.path.isdir(output):
+        return None, []
+    steps = {}
+    for name in os.listdir(output):
+        match = re.fullmatch(r"checkpoint-(\d+)", name)
+        if match and os.path.isdir(os.path.join(output, name)):
+            steps[int(match.group(1))] = os.path.join(output, name)
+    incomplete = []
+    for step in sorted(steps, reverse=True):
+        try:
+            with open(os.path.join(steps[step], "trainer_state.json"), encoding="utf-8") as file:
+                json.load(file)
+        except (OSError, ValueError):
+            incomplete.append(steps[step])
+            continue
+        return steps[step], incomplete
+    return None, incomplete
+
+
 def merge_adapter(base_model: str | os.PathLike, adapter: str | os.PathLike, dtype=None, **kwargs: Any):
     """The base checkpoint with the trained adapter folded into its weights: a plain `FastVLMForConditionalGeneration`
     whose `save_pretrained` writes this package's layout. The base is loaded unquantized (in `dtype`), also for an
     adapter trained on a 4-bit model: merging into 4-bit weights would round the sum."""
     from peft import PeftModel
-    from transformers import AutoModelForImageTextToText
 
-    base = AutoModelForImageTextToText.from_pretrained(base_model, dtype=dtype, **kwargs)
+    from ..modeling_fastvlm import FastVLMForConditionalGeneration
+
+    base = FastVLMForConditionalGeneration.from_pretrained(base_model, dtype=dtype, **kwargs)
     return PeftModel.from_pretrained(base, os.fspath(adapter)).merge_and_unload()
