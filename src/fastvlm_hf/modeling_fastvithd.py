@@ -19,16 +19,15 @@ from .compat import weight_init, without_hub_kernels_unless_asked
 from .configuration_fastvithd import FastViTHDConfig
 from .cpu import kernels
 
-# Layout of the activations inside the encoder. Channels last, the pointwise convolutions (most of the work) run 2–3×
-# faster on CPU and the attention stages read their tokens without a copy (benchmarks/README.md, "Levers").
+# Layout of the activations inside the encoder. Channels last, the pointwise convolutions (most of the work) take
+# oneDNN's fast path on CPU and the attention stages read their tokens without a copy (benchmarks/README.md, "Levers").
 ACTIVATION_MEMORY_FORMAT = torch.channels_last
 
 
 class FastViTHDActivation(nn.Module):
     """The config's activation, applied through the (B, H, W, C) view of a channels-last feature map.
 
-    Same values; the view is contiguous, which takes element-wise kernels off their slower strided path (for
-    bfloat16 GELU on CPU, twice as fast).
+    Same values; the view is contiguous, which takes element-wise kernels off their slower strided path.
     """
 
     def __init__(self, hidden_act: str):

@@ -21,24 +21,21 @@ _HAS_ONEDNN_FUSED_CONVOLUTION = torch.backends.mkldnn.is_available() and hasattr
     torch.ops.mkldnn, "_convolution_pointwise"
 )
 _HAS_ONEDNN_FUSED_LINEAR = torch.backends.mkldnn.is_available() and hasattr(torch.ops.mkldnn, "_linear_pointwise")
-# The fused kernel repacks its weights on every call: it pays off on large maps (the first stages, 2× on CPU there),
-# not on the small maps of the last stages, whose weights are large.
+# Each threshold below is where its route stopped paying off; the measurements are in benchmarks/README.md, "Levers".
+# The fused kernel repacks its weights on every call: it pays off on large maps only.
 _ONEDNN_FUSION_MIN_PIXELS = 64 * 64
 # A ConvFFN whose hidden map is larger than this runs its pointwise layers a few thousand pixels at a time, each chunk's
 # hidden activations about `_CONVFFN_CHUNK_BYTES`, so the large hidden map is never allocated: glibc serves allocations
-# over 32 MiB with fresh pages, page faults on every call (about 13 ms per 50 MiB on the benchmark machine).
+# over 32 MiB with fresh pages, which page-fault on every call.
 _CONVFFN_CHUNKING_MIN_BYTES = 32 * 2**20
 _CONVFFN_CHUNK_BYTES = 3 * 2**20
 # A ConvFFN on a map with at most this many pixels per input channel runs its pointwise layers as linear layers over
-# all pixels at once: there the convolution kernels spend much of their time on their large weights (last stage at
-# 1024 px: 1.5× faster in bfloat16, 2× in float32). With 1.3 and 3 pixels per channel, the convolutions were 4 % and
-# 10 % faster in bfloat16.
+# all pixels at once: there the convolution kernels spend most of their time on their large weights.
 _CONVFFN_LINEAR_MAX_PIXELS_PER_CHANNEL = 1
 # Most bytes of input a strided convolution with a channel multiplier may duplicate to run as a depthwise one.
 _DEPTHWISE_DUPLICATE_MAX_BYTES = 32 * 2**20
 # A stem whose first layer would output more than this runs over bands of rows, each band's first-layer output about
-# `_STEM_BAND_BYTES`: the full-size map of that layer (50 MiB in bfloat16 at 1024 px) is never allocated (the page
-# faults above; at 1024 px the stem took 16 instead of 34 ms in bfloat16). Bands of 4 and 16 MiB were slower.
+# `_STEM_BAND_BYTES`, so that layer's full-size map is never allocated (the page faults above).
 _STEM_BANDING_MIN_BYTES = 32 * 2**20
 _STEM_BAND_BYTES = 8 * 2**20
 
@@ -88,7 +85,7 @@ def _fused_conv_act(
     conv: nn.Conv2d, activation: nn.Module, hidden_states: torch.Tensor, groups: int, padding: tuple[int, int]
 ) -> torch.Tensor:
     """One oneDNN convolution with the activation applied to its accumulators (the kernel torch.compile uses): no
-    second pass over, and no second copy of, the output map; 1.5–2× faster for the wide maps of the first stages."""
+    second pass over, and no second copy of, the output map."""
     post_op, algorithm = _ONEDNN_POST_OPS[activation.hidden_act]
     return torch.ops.mkldnn._convolution_pointwise(
         hidden_states, conv.weight, conv.bias, padding, conv.stride, conv.dilation, groups, post_op, [], algorithm
@@ -107,7 +104,7 @@ def _conv_act(
 
 def _can_run_as_depthwise(conv: nn.Conv2d, hidden_states: torch.Tensor) -> bool:
     """Whether `conv` (one input channel per group, several outputs each) should run as a depthwise convolution over
-    its input with every channel repeated: oneDNN's depthwise kernels are 2–3× faster than its grouped ones."""
+    its input with every channel repeated: oneDNN's depthwise kernels are faster than its grouped ones."""
     multiplier = conv.out_channels // conv.in_channels
     return (
         conv.groups == conv.in_channels
@@ -123,7 +120,7 @@ def _repeat_each_channel(hidden_states: torch.Tensor, repeats: int) -> torch.Ten
     """Channels-last (B, C, H, W) -> channels-last (B, C·repeats, H, W); channel c at c·repeats … (c+1)·repeats − 1."""
     batch_size, channels, height, width = hidden_states.shape
     pixels = hidden_states.permute(0, 2, 3, 1)
-    # stacking copies in long runs, where a reshape of an expanded view copies two elements at a time (3× slower)
+    # stacking copies in long runs, where a reshape of an expanded view copies two elements at a time
     repeated = torch.stack([pixels] * repeats, dim=-1)
     return repeated.view(batch_size, height, width, channels * repeats).permute(0, 3, 1, 2)
 
