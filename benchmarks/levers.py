@@ -16,6 +16,7 @@ from __future__ import annotations
 import argparse
 import contextlib
 import copy
+import math
 from collections.abc import Callable
 
 import _torchvision_shim  # noqa: F401  (first: before anything imports torchvision)
@@ -44,13 +45,10 @@ from transformers import DynamicCache
 from fastvlm_hf import FastViTHDConfig, FastViTHDModel, FastVLMConfig, FastVLMForConditionalGeneration
 from fastvlm_hf import modeling_fastvithd as fastvithd
 from fastvlm_hf.compat import CACHE_NAME
-from fastvlm_hf.cpu import kernels
+from fastvlm_hf.cpu import settings as cpu_settings
 
 PROMPT_TOKENS = 282  # 256 image tokens at 1024 px and predict.py's prompt in the chat template
 
-
-def _never(*args) -> bool:
-    return False
 
 
 def _unfolded_conv_norm(self, hidden_states):
@@ -74,18 +72,18 @@ def _layer_norm_by_formula(self, hidden_states):
 
 # Each lever: how to switch it off.
 LEVERS: dict[str, Callable[[], contextlib.AbstractContextManager]] = {
-    "convolution + activation as one oneDNN kernel": lambda: patched(kernels, "_onednn_can_fuse", _never),
+    "convolution + activation as one oneDNN kernel": lambda: patched(cpu_settings, "onednn_fusion_min_pixels", math.inf),
     "channels-last activations": lambda: patched(fastvithd, "ACTIVATION_MEMORY_FORMAT", torch.contiguous_format),
     "ConvFFN BatchNorm folded in eval": lambda: patched(fastvithd.FastViTHDConvNorm, "forward", _unfolded_conv_norm),
     "layer scale + residual in one op": lambda: patched(fastvithd.FastViTHDLayerScale, "forward", _unfused_layer_scale),
     "activations on the NHWC view": lambda: patched(fastvithd.FastViTHDActivation, "forward", _activation_on_the_tensor),
     "LayerNorm2d as F.layer_norm": lambda: patched(fastvithd.FastViTHDLayerNorm2d, "forward", _layer_norm_by_formula),
-    "downsampling convolutions as depthwise ones": lambda: patched(kernels, "_can_run_as_depthwise", _never),
-    "ConvFFN pointwise layers in pixel chunks": lambda: patched(kernels, "_CONVFFN_CHUNKING_MIN_BYTES", float("inf")),
+    "downsampling convolutions as depthwise ones": lambda: patched(cpu_settings, "depthwise_duplicate_max_bytes", 0),
+    "ConvFFN pointwise layers in pixel chunks": lambda: patched(cpu_settings, "convffn_chunking_min_bytes", math.inf),
     "ConvFFN pointwise layers of small maps as linear layers": lambda: patched(
-        kernels, "_CONVFFN_LINEAR_MAX_PIXELS_PER_CHANNEL", 0
+        cpu_settings, "convffn_linear_max_pixels_per_channel", 0
     ),
-    "stem in row bands": lambda: patched(kernels, "_STEM_BANDING_MIN_BYTES", float("inf")),
+    "stem in row bands": lambda: patched(cpu_settings, "stem_banding_min_bytes", math.inf),
 }
 
 

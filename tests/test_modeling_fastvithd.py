@@ -16,6 +16,7 @@ from transformers import AutoConfig, AutoModel
 
 from fastvlm_hf import FastViTHDConfig, FastViTHDModel
 from fastvlm_hf.cpu import fast_routes_enabled, fast_routes_off, kernels
+from fastvlm_hf.cpu import settings as cpu_settings
 from fastvlm_hf.modeling_fastvithd import (
     FastViTHDAttentionBlock,
     FastViTHDConvAct,
@@ -363,10 +364,10 @@ def chunking(request, monkeypatch):
     stage, 18, 9, 4 and 2 in the wider later ones; each map's last chunk shorter) and the stem in bands of 3 output
     rows (the first layer's output in 7-row bands for a batch of 2 at 128 px; the last band shorter)."""
     if request.param == "pixel chunks and row bands":
-        monkeypatch.setattr(kernels, "_CONVFFN_CHUNKING_MIN_BYTES", 0)
-        monkeypatch.setattr(kernels, "_CONVFFN_CHUNK_BYTES", 37 * 4 * 32)
-        monkeypatch.setattr(kernels, "_STEM_BANDING_MIN_BYTES", 0)
-        monkeypatch.setattr(kernels, "_STEM_BAND_BYTES", 7 * 2 * 8 * 64 * 4)
+        monkeypatch.setattr(cpu_settings, "convffn_chunking_min_bytes", 0)
+        monkeypatch.setattr(cpu_settings, "convffn_chunk_bytes", 37 * 4 * 32)
+        monkeypatch.setattr(cpu_settings, "stem_banding_min_bytes", 0)
+        monkeypatch.setattr(cpu_settings, "stem_band_bytes", 7 * 2 * 8 * 64 * 4)
     return request.param
 
 
@@ -454,8 +455,8 @@ def test_inference_kernels_match_the_differentiable_path(eval_tower):
 
 @torch.no_grad()
 def test_one_switch_turns_every_fast_route_off(eval_tower, monkeypatch, onednn_calls):
-    monkeypatch.setattr(kernels, "_CONVFFN_CHUNKING_MIN_BYTES", 0)  # every ConvFFN over chunks of pixels
-    monkeypatch.setattr(kernels, "_STEM_BANDING_MIN_BYTES", 0)  # the stem over bands of rows
+    monkeypatch.setattr(cpu_settings, "convffn_chunking_min_bytes", 0)  # every ConvFFN over chunks of pixels
+    monkeypatch.setattr(cpu_settings, "stem_banding_min_bytes", 0)  # the stem over bands of rows
     routes = count_calls(monkeypatch, kernels, ["_repeat_each_channel", "_stem_rows"])
     pixel_values = torch.rand(2, 3, 256, 256, generator=torch.Generator().manual_seed(6))  # fused convolutions too
     fast = eval_tower(pixel_values).last_hidden_state
@@ -477,8 +478,8 @@ def test_convffn_runs_its_pointwise_layers_in_chunks_on_large_maps(config, monke
     mlp = seeded(FastViTHDConvMlp(config, channels=8, hidden_channels=32))
     x = torch.randn(2, 8, 9, 9).contiguous(memory_format=torch.channels_last)
     assert kernels._convffn_chunk_pixels(mlp.fc1, mlp.act, x) is None  # 20 KiB of hidden activations: all at once
-    monkeypatch.setattr(kernels, "_CONVFFN_CHUNKING_MIN_BYTES", 0)
-    monkeypatch.setattr(kernels, "_CONVFFN_CHUNK_BYTES", 37 * 4 * 32)
+    monkeypatch.setattr(cpu_settings, "convffn_chunking_min_bytes", 0)
+    monkeypatch.setattr(cpu_settings, "convffn_chunk_bytes", 37 * 4 * 32)
     assert kernels._convffn_chunk_pixels(mlp.fc1, mlp.act, x) == 37  # 162 pixels: 4 chunks of 37, then 14
     assert kernels._convffn_chunk_pixels(mlp.fc1, mlp.act, x.contiguous()) is None  # NCHW maps keep their layout
     chunked = mlp(x)
@@ -510,9 +511,9 @@ def test_convffn_runs_its_pointwise_layers_as_linear_layers_on_maps_with_few_pix
 def test_stem_in_row_bands_matches_the_whole_map(eval_tower, monkeypatch, first_layer_band_rows, fused, dtype):
     # A 48×96 image: the first layer's output is 24 rows of 48 pixels of 8 channels, the stem's 12 rows.
     first_layer_row_bytes = 8 * 48 * dtype.itemsize
-    monkeypatch.setattr(kernels, "_STEM_BANDING_MIN_BYTES", 0)
-    monkeypatch.setattr(kernels, "_STEM_BAND_BYTES", first_layer_band_rows * first_layer_row_bytes)
-    monkeypatch.setattr(kernels, "_ONEDNN_FUSION_MIN_PIXELS", 0 if fused else math.inf)
+    monkeypatch.setattr(cpu_settings, "stem_banding_min_bytes", 0)
+    monkeypatch.setattr(cpu_settings, "stem_band_bytes", first_layer_band_rows * first_layer_row_bytes)
+    monkeypatch.setattr(cpu_settings, "onednn_fusion_min_pixels", 0 if fused else math.inf)
     pixel_values = torch.rand(1, 3, 48, 96, generator=torch.Generator().manual_seed(5))
     pixel_values = pixel_values.contiguous(memory_format=torch.channels_last).to(dtype)
     expected = pixel_values.double()
@@ -529,14 +530,14 @@ def test_stem_in_row_bands_matches_the_whole_map(eval_tower, monkeypatch, first_
 
 
 def test_stem_runs_on_the_whole_map_with_autograd_or_nchw_input(eval_tower, monkeypatch):
-    monkeypatch.setattr(kernels, "_STEM_BANDING_MIN_BYTES", 0)
+    monkeypatch.setattr(cpu_settings, "stem_banding_min_bytes", 0)
     heights = [48, 24, 12]
     pixel_values = torch.rand(1, 3, 48, 48).contiguous(memory_format=torch.channels_last)
     with torch.no_grad():
         assert kernels._band_rows(eval_tower.stem, pixel_values, heights) is not None
         assert kernels._band_rows(eval_tower.stem, pixel_values.contiguous(), heights) is None  # NCHW
     assert kernels._band_rows(eval_tower.stem, pixel_values, heights) is None  # autograd
-    monkeypatch.setattr(kernels, "_STEM_BANDING_MIN_BYTES", 2**20)
+    monkeypatch.setattr(cpu_settings, "stem_banding_min_bytes", 2**20)
     with torch.no_grad():
         assert kernels._band_rows(eval_tower.stem, pixel_values, heights) is None  # a small first-layer map (18 KiB)
 

@@ -12,7 +12,7 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from . import fast_routes_enabled, has_native_bfloat16
+from . import fast_routes_enabled, has_native_bfloat16, settings
 
 # Activations oneDNN can apply inside a convolution or a linear layer: config name -> (post-op, algorithm).
 _ONEDNN_POST_OPS = {"gelu": ("gelu", "none"), "relu": ("relu", None)}
@@ -21,23 +21,6 @@ _HAS_ONEDNN_FUSED_CONVOLUTION = torch.backends.mkldnn.is_available() and hasattr
     torch.ops.mkldnn, "_convolution_pointwise"
 )
 _HAS_ONEDNN_FUSED_LINEAR = torch.backends.mkldnn.is_available() and hasattr(torch.ops.mkldnn, "_linear_pointwise")
-# Each threshold below is where its route stopped paying off; the measurements are in benchmarks/README.md, "Levers".
-# The fused kernel repacks its weights on every call: it pays off on large maps only.
-_ONEDNN_FUSION_MIN_PIXELS = 64 * 64
-# A ConvFFN whose hidden map is larger than this runs its pointwise layers a few thousand pixels at a time, each chunk's
-# hidden activations about `_CONVFFN_CHUNK_BYTES`, so the large hidden map is never allocated: glibc serves allocations
-# over 32 MiB with fresh pages, which page-fault on every call.
-_CONVFFN_CHUNKING_MIN_BYTES = 32 * 2**20
-_CONVFFN_CHUNK_BYTES = 3 * 2**20
-# A ConvFFN on a map with at most this many pixels per input channel runs its pointwise layers as linear layers over
-# all pixels at once: there the convolution kernels spend most of their time on their large weights.
-_CONVFFN_LINEAR_MAX_PIXELS_PER_CHANNEL = 1
-# Most bytes of input a strided convolution with a channel multiplier may duplicate to run as a depthwise one.
-_DEPTHWISE_DUPLICATE_MAX_BYTES = 32 * 2**20
-# A stem whose first layer would output more than this runs over bands of rows, each band's first-layer output about
-# `_STEM_BAND_BYTES`, so that layer's full-size map is never allocated (the page faults above).
-_STEM_BANDING_MIN_BYTES = 32 * 2**20
-_STEM_BAND_BYTES = 8 * 2**20
 
 
 def _cpu_inference(hidden_states: torch.Tensor, weight: torch.Tensor) -> bool:
@@ -75,7 +58,7 @@ def _onednn_can_fuse(conv: nn.Conv2d, activation: nn.Module, hidden_states: torc
     return (
         _HAS_ONEDNN_FUSED_CONVOLUTION
         and activation.hidden_act in _ONEDNN_POST_OPS
-        and hidden_states.shape[-2] * hidden_states.shape[-1] >= _ONEDNN_FUSION_MIN_PIXELS
+        and hidden_states.shape[-2] * hidden_states.shape[-1] >= settings.onednn_fusion_min_pixels
         and conv.padding_mode == "zeros"
         and _cpu_inference(hidden_states, conv.weight)
     )
@@ -111,7 +94,7 @@ def _can_run_as_depthwise(conv: nn.Conv2d, hidden_states: torch.Tensor) -> bool:
         and multiplier > 1
         and conv.padding_mode == "zeros"
         and hidden_states.is_contiguous(memory_format=torch.channels_last)
-        and hidden_states.numel() * multiplier * hidden_states.element_size() <= _DEPTHWISE_DUPLICATE_MAX_BYTES
+        and hidden_states.numel() * multiplier * hidden_states.element_size() <= settings.depthwise_duplicate_max_bytes
         and _cpu_inference(hidden_states, conv.weight)
     )
 
@@ -155,9 +138,9 @@ def _convffn_chunk_pixels(fc1: nn.Conv2d, activation: nn.Module, hidden_states: 
         return None
     pixels = hidden_states.shape[0] * hidden_states.shape[2] * hidden_states.shape[3]
     bytes_per_pixel = fc1.out_channels * hidden_states.element_size()
-    if pixels * bytes_per_pixel > _CONVFFN_CHUNKING_MIN_BYTES:
-        return max(1, _CONVFFN_CHUNK_BYTES // bytes_per_pixel)
-    if pixels <= _CONVFFN_LINEAR_MAX_PIXELS_PER_CHANNEL * fc1.in_channels:
+    if pixels * bytes_per_pixel > settings.convffn_chunking_min_bytes:
+        return max(1, settings.convffn_chunk_bytes // bytes_per_pixel)
+    if pixels <= settings.convffn_linear_max_pixels_per_channel * fc1.in_channels:
         return pixels
     return None
 
@@ -188,7 +171,7 @@ def _pointwise_as_linear(
 def stem_in_row_bands(layers: nn.Sequential, pixel_values: torch.Tensor) -> torch.Tensor | None:
     """The stem (`layers`: convolution + activation blocks, each with `reparam_conv` and `act`) over bands of output
     rows, each computed from the rows of the image it needs, so that the first layer's full-size output is never
-    allocated; None where the first layer's output is small (see `_STEM_BANDING_MIN_BYTES`)."""
+    allocated; None where the first layer's output is small (see `settings.stem_banding_min_bytes`)."""
     heights = [pixel_values.shape[2]]
     for layer in layers:
         heights.append(_output_length(layer.reparam_conv, heights[-1], dim=0))
@@ -215,9 +198,9 @@ def _band_rows(layers: nn.Sequential, pixel_values: torch.Tensor, heights: list[
         return None
     first_width = _output_length(first, pixel_values.shape[3], dim=1)
     first_row_bytes = pixel_values.shape[0] * first.out_channels * first_width * pixel_values.element_size()
-    if first_row_bytes * heights[1] <= _STEM_BANDING_MIN_BYTES:
+    if first_row_bytes * heights[1] <= settings.stem_banding_min_bytes:
         return None
-    return max(1, heights[-1] * (_STEM_BAND_BYTES // first_row_bytes) // heights[1])
+    return max(1, heights[-1] * (settings.stem_band_bytes // first_row_bytes) // heights[1])
 
 
 def _stem_rows(
