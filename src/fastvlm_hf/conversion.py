@@ -31,12 +31,9 @@ Weights are read safely: safetensors, or `.bin` files through `torch.load(weight
 
 from __future__ import annotations
 
-import contextlib
 import json
 import os
 import pickle
-import secrets
-import shutil
 import sys
 from pathlib import Path
 
@@ -52,6 +49,7 @@ from transformers import GenerationConfig, LlavaProcessor
 from . import checkpoints, model_card
 from .compat import HAS_NATIVE_FAST_VLM
 from .modeling_fastvlm import FastVLMForConditionalGeneration
+from .output_folder import check_output, complete_or_nothing
 from .processing_fastvlm import FastVLMProcessor
 
 DTYPES = {"auto": "auto", "float32": torch.float32, "bfloat16": torch.bfloat16, "float16": torch.float16}
@@ -95,7 +93,7 @@ def convert(
     except ValueError as error:
         raise ConversionError(f"Bad --max-shard-size {max_shard_size!r}: {error}") from error
     output = Path(output)
-    check_output(source, output, overwrite)
+    check_output(source, output, overwrite, error=ConversionError, what="conversion")
     model = load_model(source, DTYPES[dtype], local_files_only=local_files_only)
     processor = FastVLMProcessor.from_pretrained(source, local_files_only=local_files_only)
     model.generation_config = generation_config(model, processor.tokenizer)
@@ -113,68 +111,6 @@ def convert(
         (folder / "README.md").write_text(card, encoding="utf-8")
         del model  # the verification loads two more
         return _verify(source, folder, local_files_only, name=output) if verify else None
-
-
-def check_output(source: str, output: Path, overwrite: bool = False) -> None:
-    """Refuses an `output` that would overwrite a folder without `overwrite`, or write into the source folder."""
-    if os.path.isdir(source):
-        source_path, output_path = Path(source).resolve(), output.resolve()
-        relation = (
-            "is" if output_path == source_path
-            else "is inside" if source_path in output_path.parents
-            else "holds" if output_path in source_path.parents
-            else None
-        )  # fmt: skip
-        if relation:
-            raise ConversionError(f"Refusing to write {output}: it {relation} the source folder {source}; write the "
-                                  f"conversion to a folder of its own.")  # fmt: skip
-    if output.is_dir() and not any(output.iterdir()):
-        return
-    if (output.exists() or output.is_symlink()) and not overwrite:
-        raise ConversionError(f"{output} already exists: choose another output folder, or pass --overwrite to replace "
-                              f"it once the conversion is complete.")  # fmt: skip
-
-
-@contextlib.contextmanager
-def complete_or_nothing(output: Path):
-    """A new hidden folder beside `output` to write into, which becomes `output` (replacing what was there) once the
-    block ends, or is removed with the parent folders made for it when the block raises or is interrupted."""
-    output = Path(os.path.abspath(output))  # "." and ".." have no name to put beside
-    missing_parents = [parent for parent in output.parents if not parent.exists()]
-    output.parent.mkdir(parents=True, exist_ok=True)
-    folder = output.with_name(f".{output.name}.partial-{secrets.token_hex(4)}")
-    folder.mkdir()
-    try:
-        yield folder
-        _replace(output, folder)
-    except BaseException:
-        shutil.rmtree(folder, ignore_errors=True)
-        for parent in missing_parents:  # innermost first
-            with contextlib.suppress(OSError):
-                parent.rmdir()
-        raise
-
-
-def _replace(output: Path, folder: Path) -> None:
-    if not (output.exists() or output.is_symlink()):
-        folder.rename(output)
-        return
-    if output.is_dir() and not any(output.iterdir()):  # kept, as it may be the working directory
-        for entry in folder.iterdir():
-            entry.rename(output / entry.name)
-        folder.rmdir()
-        return
-    old = output.with_name(f".{output.name}.old-{secrets.token_hex(4)}")
-    output.rename(old)
-    try:
-        folder.rename(output)
-    except BaseException:
-        old.rename(output)
-        raise
-    if old.is_dir() and not old.is_symlink():
-        shutil.rmtree(old)
-    else:
-        old.unlink()
 
 
 def load_model(source: str, dtype, **kwargs) -> FastVLMForConditionalGeneration:
