@@ -11,6 +11,7 @@ the rest stays float32.
 
 from __future__ import annotations
 
+import contextlib
 import logging
 import tempfile
 from pathlib import Path
@@ -18,7 +19,6 @@ from pathlib import Path
 import onnx
 import onnx_ir as ir
 from onnxruntime.quantization import QuantType, quantize_dynamic
-from onnxruntime.quantization.matmul_nbits_quantizer import MatMulNBitsQuantizer
 from onnxruntime.transformers.float16 import convert_float_to_float16
 
 from .graphs import save
@@ -31,7 +31,23 @@ FLOAT32_INPUTS = {"pixel_values"}
 def write_variant(fp32_path: Path, path: Path, dtype: str) -> None:
     """The graph at `fp32_path` in `dtype` ("fp16", "q8" or "q4"), written at `path`."""
     writers = {"fp16": _fp16, "q8": _q8, "q4": _q4}
-    save(writers[dtype](fp32_path), path)
+    with _quiet_root_logger():
+        model = writers[dtype](fp32_path)
+    save(model, path)
+
+
+@contextlib.contextmanager
+def _quiet_root_logger():
+    """onnxruntime's quantizers log through the root logger, a line per node, and one of them sets the root logger
+    to INFO when imported: errors only while they run, and the root logger as it was afterwards."""
+    root = logging.getLogger()
+    handlers, level = list(root.handlers), root.level
+    root.setLevel(logging.ERROR)
+    try:
+        yield
+    finally:
+        root.handlers[:] = handlers
+        root.setLevel(level)
 
 
 def _fp16(fp32_path: Path) -> ir.Model:
@@ -61,10 +77,12 @@ def _q8(fp32_path: Path) -> ir.Model:
 
 
 def _q4(fp32_path: Path) -> ir.Model:
+    from onnxruntime.quantization.matmul_nbits_quantizer import MatMulNBitsQuantizer
+
     quantizer = MatMulNBitsQuantizer(str(fp32_path), bits=4, block_size=Q4_BLOCK_SIZE, is_symmetric=True)
-    quiet = logging.getLogger(MatMulNBitsQuantizer.__module__)  # a line per node at INFO
+    quiet = logging.getLogger(MatMulNBitsQuantizer.__module__)  # its own logger, at INFO
     level = quiet.level
-    quiet.setLevel(logging.WARNING)
+    quiet.setLevel(logging.ERROR)
     try:
         quantizer.process()
     finally:
