@@ -88,12 +88,12 @@ def export(
 
 
 def refuse_unexportable(model, source: str) -> None:
-    """Packed or quantized weights have no plain ONNX form."""
+    """Packed (`pack_weights`) or quantized (bitsandbytes) weights have no plain ONNX form."""
     from ..cpu.packed_linear import PackedLinear
 
     if getattr(model, "is_quantized", False) or any(isinstance(m, PackedLinear) for m in model.modules()):
-        raise ExportError(f"{source} holds quantized weights: export the full-precision checkpoint; --dtype q8 or q4 "
-                          "quantizes the ONNX graphs.")  # fmt: skip
+        raise ExportError(f"{source} loaded with packed or quantized weights, which ONNX cannot hold: export the "
+                          "full-precision checkpoint (--dtype q8 or q4 quantizes the ONNX graphs).")  # fmt: skip
 
 
 def _first_line(error: BaseException) -> str:
