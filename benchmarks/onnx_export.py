@@ -15,7 +15,8 @@ start from the preprocessed inputs.
   onnxruntime: `OnnxFastVLM.generate` (`fastvlm_hf.export.runtime`), the loop transformers.js runs.
 - Decode: (time to generate N+1 tokens − median TTFT) / N, nothing stopping early.
 - Peak memory: resident-set high-water mark of a child process that loads one side and runs one TTFT.
-- onnxruntime runs with `--threads` intra-op threads, as torch does.
+- onnxruntime runs with `--threads` intra-op threads, as torch does, and without spinning between runs (which took
+  the cores from the side timed next).
 
 (Not `onnx.py`: a module of that name beside the benchmarks would hide the `onnx` package from them.)
 """
@@ -91,6 +92,8 @@ class Runner:
         else:
             options = onnxruntime.SessionOptions()
             options.intra_op_num_threads, options.inter_op_num_threads = args.threads, 1
+            # onnxruntime's threads otherwise spin between runs and take the cores from the next side's run
+            options.add_session_config_entry("session.intra_op.allow_spinning", "0")
             self.model = OnnxFastVLM(onnx_dir, ONNX_SIDES[name], session_options=options)
 
     def generate(self, new_tokens: int) -> None:

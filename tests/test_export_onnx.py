@@ -133,6 +133,16 @@ def test_onnxruntime_generates_the_tokens_of_generate(layout_name, num_images, s
     assert difference <= 1e-4, f"first-step logits differ by {difference:.3g} of the largest"
 
 
+def test_verify_fails_when_onnxruntime_loses_the_image(exported, tiny_checkpoint_dir, tiny_processor, monkeypatch):
+    from fastvlm_hf.export import verify
+
+    model = FastVLMForConditionalGeneration.from_pretrained(tiny_checkpoint_dir, dtype=torch.float32).eval()
+    assert verify.verify_export(model, tiny_processor, exported["fastvlm"]).logits_difference <= 1e-4
+    monkeypatch.setattr(OnnxFastVLM, "image_features", lambda self, pixel_values: np.zeros((1, 4, 64), np.float32))
+    with pytest.raises(export.ExportError, match="do not reproduce PyTorch"):
+        verify.verify_export(model, tiny_processor, exported["fastvlm"])
+
+
 def test_the_image_reaches_the_onnx_logits(exported, tiny_processor):
     """Else the comparisons above would hold whatever the graphs did with the image."""
     onnx_model = OnnxFastVLM(exported["fastvlm"])
@@ -201,6 +211,16 @@ def transformers_js():
     return folder
 
 
+def run_transformers_js(transformers_js, folder, image, text, dtype):
+    result = subprocess.run(
+        ["node", str(NODE_SCRIPT), str(folder), str(image), text, str(NEW_TOKENS), dtype],
+        env={**os.environ, "NODE_PATH": str(transformers_js / "node_modules")},
+        capture_output=True, text=True, timeout=300,
+    )  # fmt: skip
+    assert result.returncode == 0, result.stderr
+    return json.loads(result.stdout.splitlines()[-1])
+
+
 def test_transformers_js_generates_the_tokens_of_generate(transformers_js, exported, sources, tmp_path):
     folder = exported["apple"]
     processor = FastVLMProcessor.from_pretrained(sources["apple"])
@@ -210,16 +230,23 @@ def test_transformers_js_generates_the_tokens_of_generate(transformers_js, expor
     inputs = prompt(processor, [image], "What is in the picture?")
     expected, _ = torch_greedy(model, inputs)
 
-    result = subprocess.run(
-        ["node", str(NODE_SCRIPT), str(folder), str(tmp_path / "image.png"), "What is in the picture?",
-         str(NEW_TOKENS), "fp32"],
-        env={**os.environ, "NODE_PATH": str(transformers_js / "node_modules")},
-        capture_output=True, text=True, timeout=300,
-    )  # fmt: skip
-    assert result.returncode == 0, result.stderr
-    answer = json.loads(result.stdout.splitlines()[-1])
+    answer = run_transformers_js(transformers_js, folder, tmp_path / "image.png", "What is in the picture?", "fp32")
     assert answer["input_ids"] == inputs["input_ids"][0].tolist()  # the chat template and the image tokens
     assert answer["new_tokens"] == expected
+
+
+def test_transformers_js_runs_the_q4_graphs_as_onnxruntime_does(transformers_js, exported, tiny_processor, tmp_path):
+    """The 4-bit operators (MatMulNBits, GatherBlockQuantized) in transformers.js's own onnxruntime."""
+    image = Image.fromarray(np.random.default_rng(6).integers(0, 256, (128, 128, 3), dtype=np.uint8))
+    image.save(tmp_path / "image.png")
+    inputs = prompt(tiny_processor, [image])
+    expected = OnnxFastVLM(exported["fastvlm"], "q4").generate(inputs["input_ids"].numpy(),
+                                                               inputs["pixel_values"].numpy(), NEW_TOKENS)  # fmt: skip
+    eos = tiny_processor.tokenizer.convert_tokens_to_ids("<|im_end|>")
+    expected_tokens = expected.tokens[: expected.tokens.index(eos) + 1] if eos in expected.tokens else expected.tokens
+    answer = run_transformers_js(transformers_js, exported["fastvlm"], tmp_path / "image.png", "Describe the image.",
+                                 "q4")  # fmt: skip
+    assert answer["new_tokens"] == expected_tokens
 
 
 # Bad input: one line, nothing left behind.

@@ -19,6 +19,7 @@ from ..conversion import load_model
 from ..output_folder import check_output, complete_or_nothing
 from ..processing_fastvlm import FastVLMProcessor
 from . import graphs, layout, variants
+from .verify import verify_export
 
 DTYPES = tuple(layout.SUFFIXES)
 
@@ -72,8 +73,6 @@ def export(
                     variants.write_variant(fp32[name], onnx_folder / layout.graph_file(name, dtype), dtype)
         result = None
         if verify:
-            from .verify import verify_export
-
             result = verify_export(model, processor, folder)
         if "fp32" not in dtypes:
             for path in fp32.values():

@@ -153,10 +153,6 @@ def save(model: ir.Model, path: Path) -> None:
     ir.save(model, path, external_data=external)
 
 
-def has_external_data(path: Path) -> bool:
-    return path.with_name(f"{path.name}_data").exists()
-
-
 def _name_axes(model: ir.Model, axes) -> None:
     """The dynamic axes under the names transformers.js reads, instead of the exporter's own."""
     for value in [*model.graph.inputs, *model.graph.outputs]:

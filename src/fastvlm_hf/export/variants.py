@@ -5,8 +5,8 @@ float32 `pixel_values` (transformers.js always feeds float32 pixels) and, like t
 that image features and token embeddings have the one dtype transformers.js copies between them.
 ``q8``: `onnxruntime.quantization.quantize_dynamic`: 8-bit weights for the matrix products and the embedding table,
 activations quantized on the fly.
-``q4``: `MatMulNBitsQuantizer`: 4-bit weights in blocks of `Q4_BLOCK_SIZE` for the matrix products (`MatMulNBits`);
-the rest stays float32.
+``q4``: `MatMulNBitsQuantizer`: 4-bit weights in blocks of `Q4_BLOCK_SIZE` for the matrix products (`MatMulNBits`)
+and the embedding table (`GatherBlockQuantized`); the rest (the vision tower's convolutions) stays float32.
 """
 
 from __future__ import annotations
@@ -24,6 +24,7 @@ from onnxruntime.transformers.float16 import convert_float_to_float16
 from .graphs import save
 
 Q4_BLOCK_SIZE = 32
+Q4_AXES = (("MatMul", 0), ("Gather", 1))  # blocks along the input features, and along each embedding row
 Q8_OPS = ["MatMul", "Gather"]
 FLOAT32_INPUTS = {"pixel_values"}
 
@@ -79,7 +80,8 @@ def _q8(fp32_path: Path) -> ir.Model:
 def _q4(fp32_path: Path) -> ir.Model:
     from onnxruntime.quantization.matmul_nbits_quantizer import MatMulNBitsQuantizer
 
-    quantizer = MatMulNBitsQuantizer(str(fp32_path), bits=4, block_size=Q4_BLOCK_SIZE, is_symmetric=True)
+    quantizer = MatMulNBitsQuantizer(str(fp32_path), bits=4, block_size=Q4_BLOCK_SIZE, is_symmetric=True,
+                                     op_types_to_quantize=("MatMul", "Gather"), quant_axes=Q4_AXES)  # fmt: skip
     quiet = logging.getLogger(MatMulNBitsQuantizer.__module__)  # its own logger, at INFO
     level = quiet.level
     quiet.setLevel(logging.ERROR)
