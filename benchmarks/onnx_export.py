@@ -73,10 +73,18 @@ def parse_arguments(argv: list[str] | None = None) -> argparse.Namespace:
     parser.add_argument("--repeats", type=int, default=3, help="timed runs of each side (default: 3)")
     parser.add_argument("--new-tokens", type=int, default=16, help="N, the decoded tokens timed (default: 16)")
     parser.add_argument("--onnx-dir", type=Path, help="keep the export here; reuse it if it exists")
+    parser.add_argument("--sides", type=parse_sides, default=SIDES, help=f"default: {','.join(SIDES)}")
     parser.add_argument("--memory", action=argparse.BooleanOptionalAction, default=True, help="measure peak memory")
     parser.add_argument("--memory-probe", choices=SIDES, help=argparse.SUPPRESS)  # the child process of --memory
     add_common_arguments(parser)
     return parser.parse_args(argv)
+
+
+def parse_sides(text: str) -> list[str]:
+    sides = [side.strip() for side in text.split(",") if side.strip()]
+    if unknown := [side for side in sides if side not in SIDES]:
+        raise argparse.ArgumentTypeError(f"unknown side(s) {unknown}; choose from {', '.join(SIDES)}")
+    return sides
 
 
 class Runner:
@@ -177,7 +185,7 @@ def main(argv: list[str] | None = None) -> None:
     onnx_dir, export_seconds = export_model(args, config, processor)
     sizes = file_sizes(onnx_dir)
     runners = {}
-    for side in SIDES:
+    for side in args.sides:
         log(f"loading {side}")
         runners[side] = Runner(side, args, config, tokenizer, inputs, onnx_dir)
     log("timing TTFT")
@@ -187,11 +195,12 @@ def main(argv: list[str] | None = None) -> None:
     full = interleave({side: (lambda r=runner: r.generate(args.new_tokens + 1)) for side, runner in runners.items()},
                       "cpu", 0, args.repeats)  # fmt: skip
     del runners
-    memory = {side: measure_memory(args, side, onnx_dir) for side in SIDES} if args.memory else {}
+    memory = {side: measure_memory(args, side, onnx_dir) for side in args.sides} if args.memory else {}
 
     rows, raw = [], {}
-    baseline = ttft.stats("torch bf16 packed").median
-    for side in SIDES:
+    baseline_side = next(side for side in args.sides if side in TORCH_SIDES) if set(args.sides) & set(TORCH_SIDES) else args.sides[0]
+    baseline = ttft.stats(baseline_side).median
+    for side in args.sides:
         first, whole = ttft.stats(side), full.stats(side)
         decode = (whole.median - first.median) / args.new_tokens
         dtype = ONNX_SIDES.get(side)
@@ -202,7 +211,7 @@ def main(argv: list[str] | None = None) -> None:
                      f"{sizes[dtype] / 1e9:.2f}" if dtype else "—"])  # fmt: skip
     machine = describe_machine("cpu")
     prompt_tokens = inputs["input_ids"].shape[1]
-    headers = ["side", "TTFT ms", "TTFT / torch bf16", "decode ms/token", "decode tokens/s", "peak GiB", "files GB"]
+    headers = ["side", "TTFT ms", f"TTFT / {baseline_side}", "decode ms/token", "decode tokens/s", "peak GiB", "files GB"]
     export_note = f" The export (fp32, q8, q4) took {export_seconds:.0f} s." if export_seconds else ""
     markdown = "\n\n".join([
         f"### FastVLM-{args.size} exported to ONNX: onnxruntime against PyTorch ({args.resolution} px, cpu)",
