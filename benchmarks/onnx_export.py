@@ -222,7 +222,9 @@ def main(argv: list[str] | None = None) -> None:
         f"generation − median TTFT) / {args.new_tokens}. Peak: resident-set high-water mark of a process that loads "
         f"one side and runs one TTFT. Files: the three graphs of the dtype.{export_note}",
     ])  # fmt: skip
-    results = {"machine": machine, "settings": vars(args) | {"onnx_dir": str(onnx_dir)}, "export_seconds": export_seconds,
+    settings = {key: value for key, value in vars(args).items() if key not in ("output", "onnx_dir", "memory_probe")}
+    settings["image"] = args.image.name  # where the files were is this machine's business
+    results = {"machine": machine, "settings": settings, "export_seconds": export_seconds,
                "prompt_tokens": prompt_tokens, "sides": raw}  # fmt: skip
     write_results(args.output, results, markdown)
     if args.onnx_dir is None:
