@@ -527,6 +527,7 @@ def options_by_group(help_text):
         ("chat", {"model options": MODEL_OPTIONS, "generation options": GENERATION_OPTIONS}),
         ("bench", {"model options": MODEL_OPTIONS, "generation options": ["--max-new-tokens"]}),
         ("convert", {"output options": ["--to", "--dtype", "--max-shard-size", "--overwrite", "--push-to-hub"]}),
+        ("export", {"output options": ["--dtype", "--resolution", "--overwrite"]}),
     ],
 )  # fmt: skip
 def test_help_lists_model_generation_and_output_options_in_their_groups(capsys, command, expected):
@@ -548,7 +549,8 @@ def without_torchvision_shim(env):
 @pytest.mark.parametrize(
     "argv, exit_code",
     [(["--help"], 0), (["--version"], 0), (["predict", "--help"], 0), (["convert", "--help"], 0),
-     (["convert", "a", "b", "--max-shard-size", "lots"], 2)],
+     (["export", "--help"], 0), (["convert", "a", "b", "--max-shard-size", "lots"], 2),
+     (["export", "a", "b", "--dtype", "fp32,q5"], 2)],
 )  # fmt: skip
 def test_help_version_and_usage_errors_import_neither_torch_nor_transformers(argv, exit_code):
     code = (
@@ -570,6 +572,8 @@ def test_help_version_and_usage_errors_import_neither_torch_nor_transformers(arg
         assert printed[0].startswith("usage: fastvlm-hf")
     elif argv == ["--version"]:
         assert printed[0].startswith("fastvlm-hf ")
+    elif argv[0] == "export":
+        assert result.stderr.splitlines()[-1].endswith("--dtype: unknown dtype q5; choose from fp32, fp16, q8, q4")
     else:
         assert result.stderr.splitlines()[-1].endswith("--max-shard-size: not a size: 'lots'; write bytes, or e.g. 500MB or 5GB")  # fmt: skip
 

@@ -87,3 +87,31 @@ def _millions(count: int) -> str:
 def _is_hub_id(name: str) -> bool:
     """'owner/name' (or a bare 'name') that is not a local folder."""
     return not os.path.exists(name) and name.count("/") <= 1 and not name.startswith((".", "~", "/"))
+
+
+def render_onnx(config, repo_id: str, source: str, side: int, files: list[dict], default_dtype: str) -> str:
+    """The card of an ONNX export (`fastvlm_hf.export`) of a model with `config`: `files` lists each dtype's files
+    and size (`export.layout.files_by_dtype`)."""
+    size = size_of(config)
+    card_data = ModelCardData(
+        license=LICENSE,
+        license_name=LICENSE_NAME,
+        license_link=LICENSE_LINK,
+        library_name="transformers.js",
+        pipeline_tag="image-text-to-text",
+        base_model=source if _is_hub_id(source) else (released_sizes()[size]["apple_repo"] if size else None),
+        tags=TAGS + ["onnx"],
+    )
+    patch_size = config.vision_config.patch_size
+    card = ModelCard.from_template(
+        card_data,
+        template_str=resources.files(__package__).joinpath("model_cards", "onnx.md").read_text(encoding="utf-8"),
+        title=f"FastVLM-{size}" if size else repo_id.rstrip("/").rsplit("/", 1)[-1],
+        source=source,
+        repo_id=repo_id,
+        side=side,
+        tokens_per_image=(side // patch_size) ** 2,
+        files=files,
+        default_dtype=default_dtype,
+    )
+    return str(card)

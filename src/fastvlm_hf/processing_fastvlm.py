@@ -19,7 +19,8 @@ from .image_processing_fastvlm import FastVLMImageProcessor, FastVLMImageProcess
 # ChatML, as Apple's `qwen_2` conversation: a default system message when the conversation has none; in each message
 # the images first, as consecutive `<image>` placeholders, then a newline and the text parts, one per line. The content
 # parts are read in a loop over `message['content']`, which is how vLLM recognises a template that takes them as they
-# are (its "openai" content format), images included.
+# are (its "openai" content format), images included. It keeps to what the Jinja of transformers.js runs too (no
+# string repetition), so that ONNX exports (`fastvlm_hf.export`) carry it as it is.
 DEFAULT_CHAT_TEMPLATE = r"""{%- if messages[0]['role'] != 'system' -%}
 {{- '<|im_start|>system\nYou are a helpful assistant.<|im_end|>\n' -}}
 {%- endif -%}
@@ -36,7 +37,7 @@ DEFAULT_CHAT_TEMPLATE = r"""{%- if messages[0]['role'] != 'system' -%}
 {%- set parts.texts = parts.texts + [part['text']] -%}
 {%- endif -%}
 {%- endfor -%}
-{{- '<image>' * parts.images -}}
+{%- for _ in range(parts.images) -%}{{- '<image>' -}}{%- endfor -%}
 {%- if parts.images and parts.texts -%}
 {{- '\n' -}}
 {%- endif -%}

@@ -17,6 +17,11 @@
     package's layout, transformers' native one or Apple's, with a model card; optionally verify and push it to the
     Hub (see ``fastvlm_hf.conversion``).
 
+``export``
+    Export a checkpoint of any layout to ONNX in the folder layout transformers.js and onnxruntime read (three graphs,
+    in float32, float16, 8-bit or 4-bit); optionally verify the graphs' greedy tokens against PyTorch's with
+    onnxruntime (see ``fastvlm_hf.export``).
+
 ``finetune``
     Fine-tune with LoRA adapters (QLoRA on a 4-bit model) on a JSONL file of rows, through TRL's SFTTrainer, after a
     check of every row; save the adapter and, with ``--merge``, the merged model (see ``fastvlm_hf.training``).
@@ -39,7 +44,7 @@ import argparse
 import sys
 from importlib import metadata
 
-from . import bench, chat, convert, finetune, predict
+from . import bench, chat, convert, export, finetune, predict
 from .messages import CLIError
 from .notices import hide_dependency_notices
 
@@ -48,7 +53,7 @@ def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(prog="fastvlm-hf", description="Apple's FastVLM through Hugging Face transformers.")
     parser.add_argument("--version", action="version", version=f"%(prog)s {_package_version()}")
     commands = parser.add_subparsers(dest="command", metavar="COMMAND", required=True)
-    for command in (predict, chat, bench, convert, finetune):
+    for command in (predict, chat, bench, convert, export, finetune):
         command.add_parser(commands)
     return parser
 
