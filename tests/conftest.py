@@ -93,6 +93,20 @@ def randomize_non_parameter_state(model) -> None:
                 tensor.copy_(torch.rand(tensor.shape, generator=generator) + 0.5)
 
 
+def give_weights_decisive_answers(model, seed: int = 1) -> None:
+    """Draw the weight matrices large enough that a tiny model's greedy answers depend on the image and the prompt
+    (at initialisation scale it answers the same whitespace whatever it is shown, which no equality test could fail
+    on): fan-in scale in the vision tower, unit scale elsewhere."""
+    import torch
+
+    generator = torch.Generator().manual_seed(seed)
+    with torch.no_grad():
+        for name, parameter in model.named_parameters():
+            if parameter.dim() >= 2:
+                std = parameter[0].numel() ** -0.5 if "vision_tower" in name else 1.0
+                parameter.normal_(0, std, generator=generator)
+
+
 def give_weights_a_working_scale(model, seed: int = 7) -> None:
     """Initialisation's std 0.02 and zero biases leave a tiny tower's image features all but independent of the image
     (two different images give the same features to the last bit), and a zero bias hides a lost one: draw the weights

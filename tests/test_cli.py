@@ -17,6 +17,7 @@ from pathlib import Path
 import pytest
 import torch
 import transformers
+from conftest import give_weights_decisive_answers
 from PIL import Image
 from transformers import AutoModelForImageTextToText, AutoProcessor
 
@@ -29,8 +30,8 @@ from fastvlm_hf.cli import build_parser, main
 from fastvlm_hf.cli.loading import load_model, quantization_config, resolve_device, resolve_dtype
 from fastvlm_hf.cli.messages import describe_load_error
 from fastvlm_hf.cli.notices import hide_dependency_notices
-from fastvlm_hf.compat import NEWEST_TESTED_TRANSFORMERS
 from fastvlm_hf.cli.options import generation_kwargs
+from fastvlm_hf.compat import NEWEST_TESTED_TRANSFORMERS
 from fastvlm_hf.cpu.packed_linear import PackedLinear
 
 PROMPT = "Describe the image."
@@ -43,12 +44,7 @@ def checkpoint(tiny_config, tiny_processor, tmp_path_factory):
     shared tiny model answers the same whitespace whatever it is shown, which no equality test could fail on)."""
     torch.manual_seed(0)
     model = FastVLMForConditionalGeneration(tiny_config).eval()
-    generator = torch.Generator().manual_seed(1)
-    with torch.no_grad():
-        for name, parameter in model.named_parameters():
-            if parameter.dim() >= 2:
-                std = parameter[0].numel() ** -0.5 if "vision_tower" in name else 1.0
-                parameter.normal_(0, std, generator=generator)
+    give_weights_decisive_answers(model)
     path = tmp_path_factory.mktemp("tiny-fastvlm-cli")
     model.save_pretrained(path)
     tiny_processor.save_pretrained(path)

@@ -16,6 +16,7 @@ import sys
 import numpy as np
 import pytest
 import torch
+from conftest import give_weights_decisive_answers
 from PIL import Image
 from transformers import AutoProcessor
 
@@ -96,17 +97,25 @@ def checkpoint(tiny_config, tiny_processor, tmp_path_factory):
     config.text_config.max_position_embeddings = CONTEXT
     torch.manual_seed(0)
     model = FastVLMForConditionalGeneration(config).eval()
-    generator = torch.Generator().manual_seed(1)
-    with torch.no_grad():
-        for name, parameter in model.named_parameters():
-            if parameter.dim() >= 2:
-                std = parameter[0].numel() ** -0.5 if "vision_tower" in name else 1.0
-                parameter.normal_(0, std, generator=generator)
+    give_weights_decisive_answers(model)
     path = tmp_path_factory.mktemp("tiny-fastvlm-lmms-eval")
     model.save_pretrained(path)
     tiny_processor.save_pretrained(path)
     return path
 
+
+
+def generation_requests(doc_to_messages, num_docs):
+    """lmms-eval's requests for the documents of a task "task", split "test", as its evaluator builds them."""
+    return [
+        Instance(
+            "generate_until",
+            ("", doc_to_messages, {"max_new_tokens": NEW_TOKENS}, doc_id, "task", "test"),
+            idx=0,
+            metadata={"task": "task", "doc_id": doc_id, "repeats": 1},
+        )
+        for doc_id in range(num_docs)
+    ]
 
 @pytest.fixture(scope="module")
 def images():
@@ -267,15 +276,7 @@ def test_apples_layout_and_image_files_answer_as_generate(apple_dir, images, tmp
 
     model = plugin.FastVLM(pretrained=str(apple_dir), device="cpu", dtype="float32", batch_size=2)
     model.task_dict = {"task": {"test": docs}}
-    requests = [
-        Instance(
-            "generate_until",
-            ("", doc_to_messages, {"max_new_tokens": NEW_TOKENS}, doc_id, "task", "test"),
-            idx=0,
-            metadata={"task": "task", "doc_id": doc_id, "repeats": 1},
-        )
-        for doc_id in range(len(docs))
-    ]
+    requests = generation_requests(doc_to_messages, len(docs))
     answers = model.generate_until(requests)
     assert len(set(answers)) == len(docs)  # answers that depend on the document
 
@@ -317,15 +318,7 @@ def test_an_image_that_does_not_open_is_reported_and_the_others_answered(checkpo
 
     model = plugin.FastVLM(pretrained=str(checkpoint), device="cpu", dtype="float32", batch_size=3)
     model.task_dict = {"task": {"test": docs}}
-    requests = [
-        Instance(
-            "generate_until",
-            ("", doc_to_messages, {"max_new_tokens": NEW_TOKENS}, doc_id, "task", "test"),
-            idx=0,
-            metadata={"task": "task", "doc_id": doc_id, "repeats": 1},
-        )
-        for doc_id in range(len(docs))
-    ]
+    requests = generation_requests(doc_to_messages, len(docs))
     messages = []
     sink = logger.add(messages.append, format="{message}")
     try:

@@ -54,15 +54,7 @@ def render(
     size = size_of(config)
     facts = released_sizes()[size] if size else {}
     base_model = source if source and _is_hub_id(source) else facts.get("apple_repo")
-    card_data = ModelCardData(
-        license=LICENSE,
-        license_name=LICENSE_NAME,
-        license_link=LICENSE_LINK,
-        library_name="transformers",
-        pipeline_tag="image-text-to-text",
-        base_model=base_model,
-        tags=TAGS + [LAYOUT_TAGS[layout]],
-    )
+    card_data = _card_data("transformers", base_model, LAYOUT_TAGS[layout])
     title = f"FastVLM-{size}" if size else repo_id.rstrip("/").rsplit("/", 1)[-1]
     parameters = facts.get("parameters") or (_millions(num_parameters) if num_parameters else "an unknown number of")
     card = ModelCard.from_template(
@@ -93,15 +85,8 @@ def render_onnx(config, repo_id: str, source: str, side: int, files: list[dict],
     """The card of an ONNX export (`fastvlm_hf.export`) of a model with `config`: `files` lists each dtype's files
     and size (`export.layout.files_by_dtype`)."""
     size = size_of(config)
-    card_data = ModelCardData(
-        license=LICENSE,
-        license_name=LICENSE_NAME,
-        license_link=LICENSE_LINK,
-        library_name="transformers.js",
-        pipeline_tag="image-text-to-text",
-        base_model=source if _is_hub_id(source) else (released_sizes()[size]["apple_repo"] if size else None),
-        tags=TAGS + ["onnx"],
-    )
+    base_model = source if _is_hub_id(source) else (released_sizes()[size]["apple_repo"] if size else None)
+    card_data = _card_data("transformers.js", base_model, "onnx")
     patch_size = config.vision_config.patch_size
     card = ModelCard.from_template(
         card_data,
@@ -115,3 +100,16 @@ def render_onnx(config, repo_id: str, source: str, side: int, files: list[dict],
         default_dtype=default_dtype,
     )
     return str(card)
+
+
+def _card_data(library_name: str, base_model: str | None, tag: str) -> ModelCardData:
+    """The Hub metadata every card of ours carries, for `library_name`, with the card's own `tag`."""
+    return ModelCardData(
+        license=LICENSE,
+        license_name=LICENSE_NAME,
+        license_link=LICENSE_LINK,
+        library_name=library_name,
+        pipeline_tag="image-text-to-text",
+        base_model=base_model,
+        tags=TAGS + [tag],
+    )

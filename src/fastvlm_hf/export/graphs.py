@@ -25,7 +25,7 @@ import torch
 from torch import nn
 from transformers import DynamicCache
 
-from ..compat import CACHE_NAME
+from ..compat import language_model_kwargs
 from ..cpu import fast_routes_off
 
 BATCH, SEQUENCE, PAST, TOTAL = "batch_size", "sequence_length", "past_sequence_length", "total_sequence_length"
@@ -70,7 +70,7 @@ class Decoder(nn.Module):
             position_ids=position_ids,
             use_cache=True,
             return_dict=True,
-            **{CACHE_NAME: cache},
+            **language_model_kwargs(cache),
         )
         present = []
         for layer in range(self.num_layers):
