@@ -119,6 +119,9 @@ def from_cache_only(model_id: str, local_hint: str = LOCAL_HINT) -> bool:
     except Exception as error:  # no answer; the HTTP client's errors differ between huggingface_hub releases
         if isinstance(try_to_load_from_cache(model_id, "config.json"), str):
             status(f"No connection to the Hugging Face Hub: using the cached copy of {model_id}.")
+            # The rest of the command runs offline too: libraries that look the Hub up later on their own (PEFT,
+            # when it saves an adapter of a Hub model) read this variable, and would otherwise retry for half a minute.
+            os.environ["HF_HUB_OFFLINE"] = "1"
             return True
         raise CLIError(no_connection(model_id, local_hint)) from error
     return False
