@@ -5,7 +5,7 @@ from __future__ import annotations
 
 import argparse
 
-from .loading import from_cache_only, local_folder
+from .loading import locate
 from .messages import CLIError, first_line, status
 from .options import add_command, add_output_options, byte_size
 
@@ -56,10 +56,8 @@ def run(args: argparse.Namespace) -> int:
     """Convert and verify, then push: the push only once the output is complete (and verified)."""
     from .. import conversion
 
-    folder = local_folder(args.source, "source folder not found")
-    source = folder or args.source
     try:
-        cache_only = folder is None and from_cache_only(source, local_hint="or convert a local folder")
+        source, cache_only = locate(args.source, "source folder not found", local_hint="or convert a local folder")
         difference = conversion.convert(source, args.output, to=args.to, dtype=args.dtype,
                                         max_shard_size=args.max_shard_size, repo_id=args.push_to_hub,
                                         verify=args.verify, overwrite=args.overwrite, local_files_only=cache_only)  # fmt: skip

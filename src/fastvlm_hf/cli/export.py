@@ -5,7 +5,7 @@ from __future__ import annotations
 
 import argparse
 
-from .loading import from_cache_only, local_folder
+from .loading import locate
 from .messages import CLIError, first_line, status
 from .options import add_command, add_output_options, positive_int
 
@@ -57,10 +57,8 @@ def run(args: argparse.Namespace) -> int:
     except ImportError as error:  # the onnx extra is not installed
         raise CLIError(f'export needs the onnx extra ({first_line(error)}): pip install "fastvlm-hf[onnx]"') from error
 
-    folder = local_folder(args.source, "source folder not found")
-    source = folder or args.source
     try:
-        cache_only = folder is None and from_cache_only(source, local_hint="or export a local folder")
+        source, cache_only = locate(args.source, "source folder not found", local_hint="or export a local folder")
         result = export.export(source, args.output, dtypes=args.dtype, resolution=args.resolution, verify=args.verify,
                                overwrite=args.overwrite, local_files_only=cache_only)  # fmt: skip
     except export.ExportError as error:

@@ -6,7 +6,7 @@ from __future__ import annotations
 import argparse
 import os
 
-from .loading import from_cache_only, load_processor, local_folder, quantization_config, resolve_device, resolve_dtype
+from .loading import load_processor, locate, quantization_config, resolve_device, resolve_dtype
 from .messages import CLIError, describe_load_error, first_line, status
 from .options import add_command, add_model_options, positive_int
 
@@ -66,9 +66,7 @@ def run(args: argparse.Namespace) -> int:
     checkpoint = _checkpoint_to_resume(args.output) if args.resume else None
     device = resolve_device(args.device)
     dtype = resolve_dtype(args.dtype, device)
-    folder = local_folder(args.model)
-    args.model = folder or args.model
-    cache_only = folder is None and from_cache_only(args.model)
+    args.model, cache_only = locate(args.model)
     processor = load_processor(args.model, args.resolution, args.image_mode, local_files_only=cache_only)
     collator = FastVLMDataCollator(processor, max_length=args.max_length)
     datasets = {}

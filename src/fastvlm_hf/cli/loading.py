@@ -127,6 +127,13 @@ def from_cache_only(model_id: str, local_hint: str = LOCAL_HINT) -> bool:
     return False
 
 
+def locate(model_id: str, missing: str = "model folder not found", local_hint: str = LOCAL_HINT) -> tuple[str, bool]:
+    """Where `model_id` loads from: the local folder it names or the Hub id, and whether to read the Hub model from the
+    cache only (`from_cache_only`). A folder that is meant but missing is the error `missing`."""
+    folder = local_folder(model_id, missing)
+    return folder or model_id, folder is None and from_cache_only(model_id, local_hint)
+
+
 def _looks_like_path(model_id: str) -> bool:
     """Hub ids are 'name' or 'owner/name'; anything else is meant as a local folder, and so is 'owner/name' when a
     folder 'owner' exists here."""

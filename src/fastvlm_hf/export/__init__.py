@@ -15,6 +15,7 @@ from pathlib import Path
 import torch
 
 from .. import model_card
+from ..cli.messages import first_line
 from ..conversion import load_model
 from ..output_folder import check_output, complete_or_nothing
 from ..processing_fastvlm import FastVLMProcessor
@@ -66,7 +67,7 @@ def export(
             graphs.export_embed_tokens(model, fp32["embed_tokens"])
             graphs.export_decoder(model, fp32["decoder_model_merged"])
         except Exception as error:  # torch.export's own errors vary by release
-            raise ExportError(f"torch's ONNX exporter cannot trace {source}: {_first_line(error)}") from error
+            raise ExportError(f"torch's ONNX exporter cannot trace {source}: {first_line(error)}") from error
         for dtype in dtypes:
             if dtype != "fp32":
                 for name in layout.GRAPHS:
@@ -93,8 +94,3 @@ def refuse_unexportable(model, source: str) -> None:
     if getattr(model, "is_quantized", False) or any(isinstance(m, PackedLinear) for m in model.modules()):
         raise ExportError(f"{source} loaded with packed or quantized weights, which ONNX cannot hold: export the "
                           "full-precision checkpoint (--dtype q8 or q4 quantizes the ONNX graphs).")  # fmt: skip
-
-
-def _first_line(error: BaseException) -> str:
-    text = str(error).strip()
-    return text.splitlines()[0] if text else type(error).__name__
