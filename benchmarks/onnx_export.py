@@ -13,7 +13,9 @@ start from the preprocessed inputs.
 
 - TTFT: image features, prompt embedding and prefill to the first token. PyTorch: `generate(max_new_tokens=1)`;
   onnxruntime: `OnnxFastVLM.generate` (`fastvlm_hf.export.runtime`), the loop transformers.js runs.
-- Decode: (time to generate N+1 tokens − median TTFT) / N, nothing stopping early.
+- Decode: the time between consecutive new tokens of an N+1-token generation (nothing stopping early), stamped by
+  a streamer (`generate(streamer=...)`, the same protocol on both sides): the median step of each run, then the
+  median over runs.
 - Peak memory: resident-set high-water mark of a child process that loads one side and runs one TTFT.
 - onnxruntime runs with `--threads` intra-op threads, as torch does, and without spinning between runs (which took
   the cores from the side timed next).
@@ -25,7 +27,9 @@ from __future__ import annotations
 
 import argparse
 import shutil
+import statistics
 import tempfile
+import time
 from pathlib import Path
 from typing import Any
 
@@ -38,6 +42,7 @@ from common import (
     describe_machine,
     gib,
     interleave,
+    Stats,
     log,
     machine_line,
     markdown_table,
@@ -104,12 +109,32 @@ class Runner:
             options.add_session_config_entry("session.intra_op.allow_spinning", "0")
             self.model = OnnxFastVLM(onnx_dir, ONNX_SIDES[name], session_options=options)
 
-    def generate(self, new_tokens: int) -> None:
+    def generate(self, new_tokens: int, streamer: StepClock | None = None) -> None:
         if isinstance(self.model, OnnxFastVLM):
-            self.model.generate(self.inputs["input_ids"].numpy(), self.inputs["pixel_values"].numpy(), new_tokens)
+            self.model.generate(self.inputs["input_ids"].numpy(), self.inputs["pixel_values"].numpy(), new_tokens,
+                                streamer=streamer)  # fmt: skip
             return
         with torch.no_grad():
-            self.model.generate(**self.inputs, **self.kwargs, max_new_tokens=new_tokens, min_new_tokens=new_tokens)
+            self.model.generate(**self.inputs, **self.kwargs, max_new_tokens=new_tokens, min_new_tokens=new_tokens,
+                                streamer=streamer)  # fmt: skip
+
+
+class StepClock:
+    """A streamer that stamps each new token (its first `put` is the prompt)."""
+
+    def __init__(self):
+        self.prompt_seen, self.token_times = False, []
+
+    def put(self, value) -> None:
+        if self.prompt_seen:
+            self.token_times.append(time.perf_counter())
+        self.prompt_seen = True
+
+    def end(self) -> None:
+        pass
+
+    def steps(self) -> list[float]:
+        return [later - earlier for earlier, later in zip(self.token_times, self.token_times[1:])]
 
 
 def prepare(args: argparse.Namespace):
@@ -136,8 +161,6 @@ def export_model(args: argparse.Namespace, config, processor) -> tuple[Path, flo
 
 
 def _timed(fn):
-    import time
-
     start = time.perf_counter()
     result = fn()
     return time.perf_counter() - start, result
@@ -191,9 +214,15 @@ def main(argv: list[str] | None = None) -> None:
     log("timing TTFT")
     ttft = interleave({side: (lambda r=runner: r.generate(1)) for side, runner in runners.items()}, "cpu",
                       args.warmup, args.repeats)  # fmt: skip
-    log(f"timing {args.new_tokens + 1}-token generations")
-    full = interleave({side: (lambda r=runner: r.generate(args.new_tokens + 1)) for side, runner in runners.items()},
-                      "cpu", 0, args.repeats)  # fmt: skip
+    log(f"timing {args.new_tokens + 1}-token generations step by step")
+    clocks: dict[str, list[StepClock]] = {side: [] for side in runners}
+
+    def new_clock(side: str) -> StepClock:
+        clocks[side].append(StepClock())
+        return clocks[side][-1]
+
+    interleave({side: (lambda clock, r=runner: r.generate(args.new_tokens + 1, clock)) for side, runner in runners.items()},
+               "cpu", 0, args.repeats, prepare={side: (lambda s=side: new_clock(s)) for side in runners})  # fmt: skip
     del runners
     memory = {side: measure_memory(args, side, onnx_dir) for side in args.sides} if args.memory else {}
 
@@ -201,14 +230,14 @@ def main(argv: list[str] | None = None) -> None:
     baseline_side = next(side for side in args.sides if side in TORCH_SIDES) if set(args.sides) & set(TORCH_SIDES) else args.sides[0]
     baseline = ttft.stats(baseline_side).median
     for side in args.sides:
-        first, whole = ttft.stats(side), full.stats(side)
-        decode = (whole.median - first.median) / args.new_tokens
+        first = ttft.stats(side)
+        steps = Stats.of([statistics.median(clock.steps()) for clock in clocks[side]])
         dtype = ONNX_SIDES.get(side)
-        raw[side] = {"ttft_s": ttft.samples[side], "generate_s": full.samples[side], "decode_s_per_token": decode,
-                     "peak_bytes": memory.get(side), "file_bytes": sizes.get(dtype)}  # fmt: skip
-        rows.append([side, first.ms(0), f"{first.median / baseline:.2f}×", f"{decode * 1e3:.1f}",
-                     f"{1 / decode:.1f}" if decode > 0 else "n/a", gib(memory.get(side)),
-                     f"{sizes[dtype] / 1e9:.2f}" if dtype else "—"])  # fmt: skip
+        raw[side] = {"ttft_s": ttft.samples[side], "decode_steps_s": [clock.steps() for clock in clocks[side]],
+                     "decode_s_per_token": steps.median, "peak_bytes": memory.get(side),
+                     "file_bytes": sizes.get(dtype)}  # fmt: skip
+        rows.append([side, first.ms(0), f"{first.median / baseline:.2f}×", steps.ms(1),
+                     f"{1 / steps.median:.1f}", gib(memory.get(side)), f"{sizes[dtype] / 1e9:.2f}" if dtype else "—"])  # fmt: skip
     machine = describe_machine("cpu")
     prompt_tokens = inputs["input_ids"].shape[1]
     headers = ["side", "TTFT ms", f"TTFT / {baseline_side}", "decode ms/token", "decode tokens/s", "peak GiB", "files GB"]
@@ -218,8 +247,9 @@ def main(argv: list[str] | None = None) -> None:
         f"Machine: {machine_line(machine)} · onnxruntime {onnxruntime.__version__}",
         markdown_table(headers, rows),
         f"Milliseconds, median (min–max) of {args.repeats} interleaved runs; random weights, the same on every side; "
-        f"{prompt_tokens} prompt tokens, preprocessed once. Decode = (time of a {args.new_tokens + 1}-token "
-        f"generation − median TTFT) / {args.new_tokens}. Peak: resident-set high-water mark of a process that loads "
+        f"{prompt_tokens} prompt tokens, preprocessed once. Decode: the time between consecutive tokens of a "
+        f"{args.new_tokens + 1}-token generation, stamped by a streamer; median step of each run, median (min–max) "
+        f"over runs. Peak: resident-set high-water mark of a process that loads "
         f"one side and runs one TTFT. Files: the three graphs of the dtype.{export_note}",
     ])  # fmt: skip
     settings = {key: value for key, value in vars(args).items() if key not in ("output", "onnx_dir", "memory_probe")}

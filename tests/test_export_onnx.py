@@ -133,6 +133,33 @@ def test_onnxruntime_generates_the_tokens_of_generate(layout_name, num_images, s
     assert difference <= 1e-4, f"first-step logits differ by {difference:.3g} of the largest"
 
 
+
+class RecordingStreamer:
+    """What a transformers streamer is handed: the prompt's ids, then each new token, then the end."""
+
+    def __init__(self):
+        self.puts, self.ended = [], False
+
+    def put(self, value):
+        self.puts.append(np.asarray(value).reshape(-1).tolist())
+
+    def end(self):
+        self.ended = True
+
+
+def test_onnxruntime_feeds_a_streamer_as_generate_does(sources, exported):
+    source, processor, folder = layout_case("fastvlm", sources, exported)
+    model = FastVLMForConditionalGeneration.from_pretrained(source, dtype=torch.float32).eval()
+    model.generation_config.eos_token_id = None
+    inputs = prompt(processor, sample_images(IMAGE_SIDE, 1))
+    expected, onnx_streamer = RecordingStreamer(), RecordingStreamer()
+    with torch.no_grad():
+        model.generate(**inputs, max_new_tokens=NEW_TOKENS, do_sample=False, streamer=expected)
+    OnnxFastVLM(folder).generate(inputs["input_ids"].numpy(), inputs["pixel_values"].numpy(), NEW_TOKENS,
+                                 streamer=onnx_streamer)  # fmt: skip
+    assert onnx_streamer.puts == expected.puts and len(expected.puts) == NEW_TOKENS + 1
+    assert onnx_streamer.ended and expected.ended
+
 def test_verify_fails_when_onnxruntime_loses_the_image(exported, tiny_checkpoint_dir, tiny_processor, monkeypatch):
     from fastvlm_hf.export import verify
 

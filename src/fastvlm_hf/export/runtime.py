@@ -63,11 +63,14 @@ class OnnxFastVLM:
         embeds[is_image] = features
         return embeds
 
-    def generate(self, input_ids, pixel_values=None, max_new_tokens: int = 16,
-                 eos_token_id: int | None = None) -> Generation:  # fmt: skip
+    def generate(self, input_ids, pixel_values=None, max_new_tokens: int = 16, eos_token_id: int | None = None,
+                 streamer=None) -> Generation:  # fmt: skip
         """Greedy decoding of one prompt (`input_ids` of shape (1, length)); stops after `max_new_tokens` or at
-        `eos_token_id` (kept in the tokens)."""
+        `eos_token_id` (kept in the tokens). `streamer`, as in transformers' `generate`: its `put` gets the prompt, then
+        each new token as it comes (arrays), and `end` is called at the end."""
         input_ids = np.asarray(input_ids, dtype=np.int64)
+        if streamer is not None:
+            streamer.put(input_ids)
         embeds = self.prompt_embeddings(input_ids, None if pixel_values is None else np.asarray(pixel_values))
         batch = embeds.shape[0]
         cache = {
@@ -87,6 +90,8 @@ class OnnxFastVLM:
                 first_logits = logits[0]
             token = int(logits[0].argmax())
             tokens.append(token)
+            if streamer is not None:
+                streamer.put(np.array([token]))
             if token == eos_token_id:
                 break
             cache = {name.replace("present.", "past_key_values."): value for name, value in results.items()
@@ -94,4 +99,6 @@ class OnnxFastVLM:
             embeds = self.embed(np.array([[token]]))
             attention_mask = np.ones((batch, attention_mask.shape[1] + 1), dtype=np.int64)
             position_ids = np.array([[attention_mask.shape[1] - 1]])
+        if streamer is not None:
+            streamer.end()
         return Generation(tokens, first_logits)
