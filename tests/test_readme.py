@@ -1,5 +1,5 @@
-"""The README's and the docs' promises that code can check: the error table names messages the command really prints,
-and every relative link and anchor between the pages leads somewhere."""
+"""The README's and the docs' promises that code can check: the error table (docs/command-line.md) names messages the
+command really prints, and every relative link and anchor between the pages leads somewhere."""
 
 import re
 from pathlib import Path
@@ -13,9 +13,9 @@ LINK = re.compile(r"!?\[(?:[^\]\[]|\[[^\]]*\])*\]\(([^)\s]+)(?:\s+\"[^\"]*\")?\)
 
 
 def error_table_rows() -> list[str]:
-    readme = (ROOT / "README.md").read_text()
-    section = readme[readme.index("### When something goes wrong") :]
-    section = section[: section.index("\n## ")]
+    page = (ROOT / "docs" / "command-line.md").read_text()
+    section = page[page.index("## When something goes wrong") :]
+    section = section.split("\n## ")[0]
     rows = [line for line in section.splitlines() if line.startswith("| `")]
     return [re.match(r"\| (`+) ?(.+?) ?\1 \|", row).group(2) for row in rows]
 
@@ -28,7 +28,7 @@ def test_every_message_in_the_error_table_is_one_the_command_prints():
     for message in rows:
         for piece in filter(None, (part.strip(" :") for part in message.split("…"))):
             literal = piece.replace("`<image>`", "`{image_token}`")
-            assert literal in source or piece in source, f"the README's error table says {message!r}: not in the source"
+            assert literal in source or piece in source, f"the error table says {message!r}: not in the source"
 
 
 def prose(text: str) -> str:
