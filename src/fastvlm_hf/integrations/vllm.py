@@ -40,7 +40,7 @@ def _backend_class(registry) -> str:
             return name
     raise RuntimeError(
         f"This vLLM has none of the Transformers-backend classes fastvlm-hf knows "
-        f"({', '.join(_MULTIMODAL_BACKEND_CLASSES)}): install a vLLM that fastvlm-hf supports (see its README)."
+        f"({', '.join(_MULTIMODAL_BACKEND_CLASSES)}): install a vLLM that fastvlm-hf supports (docs/serving.md)."
     )
 
 
