@@ -10,6 +10,7 @@ from transformers import AutoModel, GenerationMixin, PreTrainedModel, Qwen2ForCa
 from transformers.activations import ACT2FN
 from transformers.cache_utils import Cache
 from transformers.modeling_outputs import BaseModelOutputWithPooling
+from transformers.utils import auto_docstring, can_return_tuple
 
 from .checkpoints.loading import CheckpointLoadingMixin
 from .compat import (
@@ -125,12 +126,9 @@ class FastVLMModel(FastVLMPreTrainedModel):
     def set_input_embeddings(self, value: nn.Module) -> None:
         self.language_model.set_input_embeddings(value)
 
+    @can_return_tuple
     def get_image_features(
-        self,
-        pixel_values: torch.Tensor,
-        output_hidden_states: bool | None = None,
-        return_dict: bool | None = None,
-        **kwargs,
+        self, pixel_values: torch.Tensor, output_hidden_states: bool | None = None, **kwargs
     ) -> BaseModelOutputWithPooling | tuple:
         """Encodes and projects images, as transformers' vision-language models do.
 
@@ -138,17 +136,15 @@ class FastVLMModel(FastVLMPreTrainedModel):
         row-major over the encoder's feature map; `last_hidden_state`: that feature map, (num_images, vision hidden
         size, H', W'); and with `output_hidden_states` the encoder's stem and stage outputs.
         """
-        return_dict = return_dict if return_dict is not None else self.config.return_dict
         pixel_values = pixel_values.to(dtype=self.vision_tower.dtype)
         encoded = self.vision_tower(pixel_values, output_hidden_states=output_hidden_states, return_dict=True)
         # (B, C, H', W') -> (B, H'*W', C), row-major; no copy for the tower's channels-last output
         image_features = encoded.last_hidden_state.permute(0, 2, 3, 1).flatten(1, 2)
-        output = BaseModelOutputWithPooling(
+        return BaseModelOutputWithPooling(
             last_hidden_state=encoded.last_hidden_state,
             pooler_output=self.multi_modal_projector(image_features),
             hidden_states=encoded.hidden_states,
         )
-        return output if return_dict else output.to_tuple()
 
     def image_token_mask(self, input_ids: torch.LongTensor | None, inputs_embeds: torch.Tensor) -> torch.Tensor:
         """(batch, sequence) boolean mask of the image-token positions."""
@@ -214,6 +210,8 @@ class FastVLMModel(FastVLMPreTrainedModel):
             return pixel_values  # all of them, or a mismatch for `get_placeholder_mask` to report
         return pixel_values[len(pixel_values) - new_images :]
 
+    @can_return_tuple
+    @auto_docstring
     @takes_cache
     def forward(
         self,
@@ -226,13 +224,16 @@ class FastVLMModel(FastVLMPreTrainedModel):
         use_cache: bool | None = None,
         output_attentions: bool | None = None,
         output_hidden_states: bool | None = None,
-        return_dict: bool | None = None,
         cache_position: torch.LongTensor | None = None,
         **kwargs,
     ) -> FastVLMModelOutputWithPast | tuple:
+        r"""
+        cache_position (`torch.LongTensor` of shape `(sequence_length,)`, *optional*):
+            Positions of the input tokens in the cache, handed to the language model (`generate` passes them up to
+            transformers 5.3).
+        """
         if (input_ids is None) == (inputs_embeds is None):
             raise ValueError("Pass exactly one of `input_ids` and `inputs_embeds`.")
-        return_dict = return_dict if return_dict is not None else self.config.return_dict
         output_attentions = output_attentions if output_attentions is not None else self.config.output_attentions
         output_hidden_states = (
             output_hidden_states if output_hidden_states is not None else self.config.output_hidden_states
@@ -260,14 +261,13 @@ class FastVLMModel(FastVLMPreTrainedModel):
             return_dict=True,
             **language_model_kwargs(cache, cache_position, **kwargs),
         )
-        output = FastVLMModelOutputWithPast(
+        return FastVLMModelOutputWithPast(
             last_hidden_state=outputs.last_hidden_state,
             hidden_states=outputs.hidden_states,
             attentions=outputs.attentions,
             image_hidden_states=image_features,
             **vlm_output_fields(cache_of(outputs), image_outputs),
         )
-        return output if return_dict else output.to_tuple()
 
 
 class FastVLMForConditionalGeneration(FastVLMPreTrainedModel, GenerationMixin):
@@ -328,6 +328,8 @@ class FastVLMForConditionalGeneration(FastVLMPreTrainedModel, GenerationMixin):
     def language_model(self) -> nn.Module:
         return self.model.language_model
 
+    @can_return_tuple
+    @auto_docstring
     @takes_cache
     def forward(
         self,
@@ -341,7 +343,6 @@ class FastVLMForConditionalGeneration(FastVLMPreTrainedModel, GenerationMixin):
         use_cache: bool | None = None,
         output_attentions: bool | None = None,
         output_hidden_states: bool | None = None,
-        return_dict: bool | None = None,
         cache_position: torch.LongTensor | None = None,
         logits_to_keep: int | torch.Tensor = 0,
         **kwargs,
@@ -349,10 +350,12 @@ class FastVLMForConditionalGeneration(FastVLMPreTrainedModel, GenerationMixin):
         r"""
         labels (`torch.LongTensor` of shape `(batch_size, sequence_length)`, *optional*):
             Target ids for the next-token loss; positions set to -100 (e.g. image tokens, prompt) are ignored.
+        cache_position (`torch.LongTensor` of shape `(sequence_length,)`, *optional*):
+            Positions of the input tokens in the cache, handed to the language model (`generate` passes them up to
+            transformers 5.3).
         logits_to_keep (`int` or `torch.Tensor`, *optional*, defaults to 0):
             Compute logits only for the last `logits_to_keep` positions (0 keeps all), or for the given indices.
         """
-        return_dict = return_dict if return_dict is not None else self.config.return_dict
         outputs = self.model(
             input_ids=input_ids,
             pixel_values=pixel_values,
@@ -375,7 +378,7 @@ class FastVLMForConditionalGeneration(FastVLMPreTrainedModel, GenerationMixin):
         if labels is not None:
             loss = self.loss_function(logits, labels, vocab_size=self.config.text_config.vocab_size, **kwargs)
 
-        output = FastVLMCausalLMOutputWithPast(
+        return FastVLMCausalLMOutputWithPast(
             loss=loss,
             logits=logits,
             hidden_states=outputs.hidden_states,
@@ -383,7 +386,6 @@ class FastVLMForConditionalGeneration(FastVLMPreTrainedModel, GenerationMixin):
             image_hidden_states=outputs.image_hidden_states,
             **vlm_output_fields(cache_of(outputs), outputs.get("image_outputs")),
         )
-        return output if return_dict else output.to_tuple()
 
     def prepare_inputs_for_generation(
         self, *args, pixel_values: torch.FloatTensor | None = None, is_first_iteration: bool | None = None, **kwargs
