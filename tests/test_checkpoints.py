@@ -326,6 +326,28 @@ def test_processor_refuses_an_image_token_id_the_model_does_not_expect(tmp_path,
         AutoProcessor.from_pretrained(directory)
 
 
+def test_processor_and_model_read_and_translate_the_checkpoints_config_once_each(apple_dir, monkeypatch):
+    """A load reads config.json once and hands what it read on: the processor to its image processor and to the image
+    token check, the model to its key mapping and its quantization settings. The translation to our config is done
+    once, by the processor; the model needs only the layout."""
+    reads, translations = [], []
+
+    def counted(calls, function):
+        def counting(*args, **kwargs):
+            calls.append(args)
+            return function(*args, **kwargs)
+
+        return counting
+
+    monkeypatch.setattr(checkpoints.hub, "read_config_dict", counted(reads, checkpoints.hub.read_config_dict))
+    translate = checkpoints.hub.fastvlm_config_dict
+    monkeypatch.setattr(checkpoints.hub, "fastvlm_config_dict", counted(translations, translate))
+    AutoProcessor.from_pretrained(apple_dir)
+    assert (len(reads), len(translations)) == (1, 1)
+    AutoModelForImageTextToText.from_pretrained(apple_dir, dtype=torch.float32)
+    assert (len(reads), len(translations)) == (2, 1)
+
+
 def test_pipeline_generates_on_apple_checkpoint(apple_dir):
     pipe = pipeline("image-text-to-text", model=str(apple_dir))
     image = Image.new("RGB", (96, 160), (20, 120, 220))

@@ -392,3 +392,17 @@ def test_image_features_move_to_the_text_embeddings_device_and_dtype(tiny_config
         model(input_ids=prompt_ids(tiny_config), pixel_values=pixels())
     assert next(model.model.vision_tower.parameters()).device.type == "cpu"
     assert recorder.join == {"embeds": ("meta", torch.bfloat16), "features": ("meta", torch.bfloat16), "mask": "meta"}
+
+
+@torch.no_grad()
+def test_return_dict_false_or_unset_on_the_config_gives_the_outputs_as_tuples(tiny_config):
+    model = FastVLMForConditionalGeneration(copy.deepcopy(tiny_config)).eval()
+    inputs = {"input_ids": prompt_ids(model.config), "pixel_values": pixels()}
+    for module, output in [(model, model(**inputs)), (model.model, model.model(**inputs))]:
+        as_tuple = module(**inputs, return_dict=False)
+        assert isinstance(as_tuple, tuple) and len(as_tuple) == len(output.to_tuple())
+        for value, expected in zip(as_tuple, output.to_tuple()):
+            assert torch.equal(value, expected) if isinstance(expected, torch.Tensor) else type(value) is type(expected)
+    model.config.return_dict = False
+    assert torch.equal(model(**inputs)[0], model(**inputs, return_dict=True).logits)
+    assert torch.equal(model.get_image_features(inputs["pixel_values"])[1], model.model(**inputs)[-1])

@@ -1,4 +1,8 @@
-"""Apple's FastVLM for Hugging Face Transformers: `import fastvlm_hf` registers it with the Auto classes."""
+"""Apple's FastVLM for Hugging Face Transformers: `import fastvlm_hf` registers it with the Auto classes.
+
+The `fastvlm-hf` command runs this module only once its arguments are parsed, so that `--help` starts without
+importing torch and transformers (see `fastvlm_hf_cli`): `fastvlm_hf.cli`'s parser must not import from here.
+"""
 
 from transformers import (
     AutoConfig,

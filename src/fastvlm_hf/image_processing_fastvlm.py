@@ -118,10 +118,16 @@ class FastVLMImageProcessor(BaseImageProcessor):
         transformers' native `fast_vlm`: they get the preprocessing of Apple's reference, `image_mode="pad"`, at the
         resolution of their vision tower.
         """
-        config_dict = checkpoints.read_config_dict(pretrained_model_name_or_path, **kwargs)
-        if checkpoints.layout_of(config_dict) == checkpoints.FASTVLM:
+        checkpoint = checkpoints.describe(pretrained_model_name_or_path, **kwargs)
+        if not checkpoint.is_foreign:
             return super().from_pretrained(pretrained_model_name_or_path, **kwargs)
-        return cls.from_dict(checkpoints.image_processor_dict(config_dict), **kwargs)
+        return cls.from_checkpoint(checkpoint, **kwargs)
+
+    @classmethod
+    def from_checkpoint(cls, checkpoint: checkpoints.CheckpointDescription, **kwargs) -> "FastVLMImageProcessor":
+        """The image processor of a checkpoint of a foreign layout, which ships none, from the description of its
+        `config.json` (`checkpoints.describe`); `kwargs` override its settings as in `from_pretrained`."""
+        return cls.from_dict(checkpoint.image_processor_dict(), **kwargs)
 
     def preprocess(
         self,
@@ -368,12 +374,12 @@ def with_fastvlm_checkpoints_without_preprocessor_config(auto_from_pretrained):
         try:
             return original(cls, pretrained_model_name_or_path, *inputs, **kwargs)
         except OSError:
-            config_dict = checkpoints.read_config_dict(pretrained_model_name_or_path, **kwargs)
-            if checkpoints.layout_of(config_dict) == checkpoints.FASTVLM:
+            checkpoint = checkpoints.describe(pretrained_model_name_or_path, **kwargs)
+            if not checkpoint.is_foreign:
                 raise
         for name in _AUTO_ONLY_KWARGS:
             kwargs.pop(name, None)
-        return FastVLMImageProcessor.from_pretrained(pretrained_model_name_or_path, **kwargs)
+        return FastVLMImageProcessor.from_checkpoint(checkpoint, **kwargs)
 
     from_pretrained.__doc__ = original.__doc__
     from_pretrained.__name__ = original.__name__

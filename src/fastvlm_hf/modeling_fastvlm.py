@@ -2,7 +2,6 @@
 
 from __future__ import annotations
 
-import re
 from dataclasses import dataclass
 
 import torch
@@ -11,26 +10,24 @@ from transformers import AutoModel, GenerationMixin, PreTrainedModel, Qwen2ForCa
 from transformers.activations import ACT2FN
 from transformers.cache_utils import Cache
 from transformers.modeling_outputs import BaseModelOutputWithPooling
+from transformers.utils import auto_docstring, can_return_tuple
 
-from . import checkpoints, quantization
+from .checkpoints.loading import CheckpointLoadingMixin
 from .compat import (
     CACHE_NAME,
     VLMBaseModelOutput,
     VLMCausalLMOutput,
     cache_of,
-    complete_disk_offload,
     generation_inputs_kwargs,
     is_first_generation_step,
     language_model_kwargs,
-    own_layout_save_kwargs,
     takes_cache,
     tied_weights_keys,
     vlm_output_fields,
     weight_init,
-    without_hub_kernels_unless_asked,
 )
 from .configuration_fastvlm import FastVLMConfig
-from .cpu.packed_linear import PackedLinear, pack_linear_layers, refuse_to_move_or_cast, unpack_linear_layers
+from .cpu.packing import WeightPackingMixin
 from .modeling_fastvithd import FastViTHDModel
 
 # The output head shares the input embedding when `text_config.tie_word_embeddings` is set.
@@ -76,7 +73,11 @@ class FastVLMMultiModalProjector(nn.Module):
         return self.linear_2(self.act(self.linear_1(image_features)))
 
 
-class FastVLMPreTrainedModel(PreTrainedModel):
+class FastVLMPreTrainedModel(CheckpointLoadingMixin, WeightPackingMixin, PreTrainedModel):
+    """The architecture's settings for transformers. Loading any checkpoint layout and saving ours come from
+    `CheckpointLoadingMixin` (`checkpoints/loading.py`); `pack_weights` for CPU inference from `WeightPackingMixin`
+    (`cpu/packing.py`)."""
+
     config_class = FastVLMConfig
     base_model_prefix = "model"
     input_modalities = ("image", "text")
@@ -89,92 +90,10 @@ class FastVLMPreTrainedModel(PreTrainedModel):
     _supports_attention_backend = True
     # Decoding steps (no images, the cache passed in) run as one graph: `torch.compile(fullgraph=True)`, static caches.
     _can_compile_fullgraph = True
-    _keys_to_ignore_on_load_unexpected = [re.escape(key) for key in checkpoints.UNUSED_KEYS[checkpoints.APPLE]]
     # Modules bitsandbytes leaves in the compute dtype (see `quantization.py`): full dotted names, which every
     # supported transformers version matches the same way.
     _unquantized_modules: tuple[str, ...] = ()
-    # Modules whose linear layers `pack_weights` packs for oneDNN's CPU kernels.
-    _packable_modules: tuple[str, ...] = ()
-
-    @classmethod
-    def from_pretrained(cls, pretrained_model_name_or_path, *model_args, **kwargs):
-        r"""
-        Loads any of the three FastVLM layouts: ours, Apple's (`model_type: "llava_qwen2"`, e.g. `apple/FastVLM-0.5B`)
-        and transformers' native one (`model_type: "fast_vlm"`). The weights of the last two are renamed while they
-        load (`checkpoints.key_mapping`), and they must then fill the model exactly: any missing, unexpected or
-        misshapen weight raises a `ValueError` that names it, instead of leaving randomly initialised weights behind.
-
-        With a bitsandbytes `quantization_config`, only the language model's linear layers are quantized: the vision
-        tower, the projector and the output head stay in the compute dtype, whatever `llm_int8_skip_modules` says.
-
-        Hub kernels (transformers' `use_kernels`, on by default from transformers 5.25) stay off unless
-        `use_kernels=True` or a `kernel_config` asks for them: no code from the Hub runs unasked.
-        """
-        kwargs = without_hub_kernels_unless_asked(kwargs)
-        kwargs = quantization.with_unquantized_modules(cls, pretrained_model_name_or_path, kwargs)
-        caller_renames = "key_mapping" in kwargs
-        key_mapping = None if caller_renames else checkpoints.key_mapping_for(pretrained_model_name_or_path, **kwargs)
-        if key_mapping is None:  # our own layout, or the caller's own renaming
-            return cls._after_loading(super().from_pretrained(pretrained_model_name_or_path, *model_args, **kwargs))
-        output_loading_info = kwargs.pop("output_loading_info", False)
-        # Misshapen weights are let through to be reported with the rest by `check_loading_info`.
-        kwargs.update(key_mapping=key_mapping, output_loading_info=True, ignore_mismatched_sizes=True)
-        model, loading_info = super().from_pretrained(pretrained_model_name_or_path, *model_args, **kwargs)
-        cls._after_loading(model)
-        checkpoints.check_loading_info(model, loading_info, pretrained_model_name_or_path)
-        if model.config.tie_word_embeddings:
-            # Apple's checkpoints store the output embedding even when their config ties it; like Apple's loader, we
-            # tie it to the input embedding (transformers 5 keeps the stored copy when the two differ).
-            model.tie_weights()
-        if model.can_generate():
-            checkpoints.fill_generation_special_tokens(model.generation_config, model.config)
-        return (model, loading_info) if output_loading_info else model
-
-    @classmethod
-    def _after_loading(cls, loaded):
-        """What every layout needs once transformers has loaded it (`loaded` may be a `(model, info)` pair)."""
-        model = loaded[0] if isinstance(loaded, tuple) else loaded
-        quantization.keep_standard_4bit_layout(model)
-        quantization.say_8bit_casts_once(model)
-        complete_disk_offload(model, TIED_WEIGHTS)
-        return loaded
-
-    def save_pretrained(self, save_directory, *args, **kwargs):
-        """Saves in this package's own layout, however the model was loaded (see `from_pretrained`), with plain
-        weights whether or not `pack_weights` packed them."""
-        packed = self.unpack_weights()
-        try:
-            return super().save_pretrained(save_directory, *args, **own_layout_save_kwargs(kwargs))
-        finally:
-            if packed:
-                self.pack_weights()
-
-    def pack_weights(self) -> list[str]:
-        """For inference on CPU: stores the language model's linear weights (and the output head's) in the blocked
-        layout of oneDNN's kernels once, instead of on every call. Decoding steps and the prefill get faster and
-        the outputs stay the same (bit for bit in bfloat16). Layers that are quantized, not on CPU, or in another
-        dtype than bfloat16 or float32 are left as they are.
-
-        The packed layers have no gradient and do not move or cast: call `unpack_weights()` before training,
-        `.to(...)` or resizing the embeddings (`save_pretrained` unpacks on its own). A tied output head gets its own
-        packed copy of the input embedding. Returns the names of the layers packed.
-        """
-        return pack_linear_layers(self, self._packable_modules)
-
-    def _apply(self, fn, recurse=True):
-        # Refused before anything moves: a model half cast would be left behind otherwise.
-        for module in self.modules():
-            if isinstance(module, PackedLinear):
-                refuse_to_move_or_cast(fn, module.dtype)
-        return super()._apply(fn, recurse)
-
-    def unpack_weights(self) -> list[str]:
-        """Undoes `pack_weights`: plain `nn.Linear` layers again, the output head tied again if the config ties it.
-        Returns the names of the layers unpacked."""
-        unpacked = unpack_linear_layers(self)
-        if unpacked and self.config.tie_word_embeddings:
-            self.tie_weights()
-        return unpacked
+    _tied_weight_sources = TIED_WEIGHTS
 
     def _init_weights(self, module: nn.Module) -> None:
         # The vision tower and the language model are `PreTrainedModel`s that initialise themselves; what is left
@@ -207,12 +126,9 @@ class FastVLMModel(FastVLMPreTrainedModel):
     def set_input_embeddings(self, value: nn.Module) -> None:
         self.language_model.set_input_embeddings(value)
 
+    @can_return_tuple
     def get_image_features(
-        self,
-        pixel_values: torch.Tensor,
-        output_hidden_states: bool | None = None,
-        return_dict: bool | None = None,
-        **kwargs,
+        self, pixel_values: torch.Tensor, output_hidden_states: bool | None = None, **kwargs
     ) -> BaseModelOutputWithPooling | tuple:
         """Encodes and projects images, as transformers' vision-language models do.
 
@@ -220,17 +136,15 @@ class FastVLMModel(FastVLMPreTrainedModel):
         row-major over the encoder's feature map; `last_hidden_state`: that feature map, (num_images, vision hidden
         size, H', W'); and with `output_hidden_states` the encoder's stem and stage outputs.
         """
-        return_dict = return_dict if return_dict is not None else self.config.return_dict
         pixel_values = pixel_values.to(dtype=self.vision_tower.dtype)
         encoded = self.vision_tower(pixel_values, output_hidden_states=output_hidden_states, return_dict=True)
         # (B, C, H', W') -> (B, H'*W', C), row-major; no copy for the tower's channels-last output
         image_features = encoded.last_hidden_state.permute(0, 2, 3, 1).flatten(1, 2)
-        output = BaseModelOutputWithPooling(
+        return BaseModelOutputWithPooling(
             last_hidden_state=encoded.last_hidden_state,
             pooler_output=self.multi_modal_projector(image_features),
             hidden_states=encoded.hidden_states,
         )
-        return output if return_dict else output.to_tuple()
 
     def image_token_mask(self, input_ids: torch.LongTensor | None, inputs_embeds: torch.Tensor) -> torch.Tensor:
         """(batch, sequence) boolean mask of the image-token positions."""
@@ -296,6 +210,8 @@ class FastVLMModel(FastVLMPreTrainedModel):
             return pixel_values  # all of them, or a mismatch for `get_placeholder_mask` to report
         return pixel_values[len(pixel_values) - new_images :]
 
+    @can_return_tuple
+    @auto_docstring
     @takes_cache
     def forward(
         self,
@@ -308,13 +224,16 @@ class FastVLMModel(FastVLMPreTrainedModel):
         use_cache: bool | None = None,
         output_attentions: bool | None = None,
         output_hidden_states: bool | None = None,
-        return_dict: bool | None = None,
         cache_position: torch.LongTensor | None = None,
         **kwargs,
     ) -> FastVLMModelOutputWithPast | tuple:
+        r"""
+        cache_position (`torch.LongTensor` of shape `(sequence_length,)`, *optional*):
+            Positions of the input tokens in the cache, handed to the language model (`generate` passes them up to
+            transformers 5.3).
+        """
         if (input_ids is None) == (inputs_embeds is None):
             raise ValueError("Pass exactly one of `input_ids` and `inputs_embeds`.")
-        return_dict = return_dict if return_dict is not None else self.config.return_dict
         output_attentions = output_attentions if output_attentions is not None else self.config.output_attentions
         output_hidden_states = (
             output_hidden_states if output_hidden_states is not None else self.config.output_hidden_states
@@ -342,14 +261,13 @@ class FastVLMModel(FastVLMPreTrainedModel):
             return_dict=True,
             **language_model_kwargs(cache, cache_position, **kwargs),
         )
-        output = FastVLMModelOutputWithPast(
+        return FastVLMModelOutputWithPast(
             last_hidden_state=outputs.last_hidden_state,
             hidden_states=outputs.hidden_states,
             attentions=outputs.attentions,
             image_hidden_states=image_features,
             **vlm_output_fields(cache_of(outputs), image_outputs),
         )
-        return output if return_dict else output.to_tuple()
 
 
 class FastVLMForConditionalGeneration(FastVLMPreTrainedModel, GenerationMixin):
@@ -410,6 +328,8 @@ class FastVLMForConditionalGeneration(FastVLMPreTrainedModel, GenerationMixin):
     def language_model(self) -> nn.Module:
         return self.model.language_model
 
+    @can_return_tuple
+    @auto_docstring
     @takes_cache
     def forward(
         self,
@@ -423,7 +343,6 @@ class FastVLMForConditionalGeneration(FastVLMPreTrainedModel, GenerationMixin):
         use_cache: bool | None = None,
         output_attentions: bool | None = None,
         output_hidden_states: bool | None = None,
-        return_dict: bool | None = None,
         cache_position: torch.LongTensor | None = None,
         logits_to_keep: int | torch.Tensor = 0,
         **kwargs,
@@ -431,10 +350,12 @@ class FastVLMForConditionalGeneration(FastVLMPreTrainedModel, GenerationMixin):
         r"""
         labels (`torch.LongTensor` of shape `(batch_size, sequence_length)`, *optional*):
             Target ids for the next-token loss; positions set to -100 (e.g. image tokens, prompt) are ignored.
+        cache_position (`torch.LongTensor` of shape `(sequence_length,)`, *optional*):
+            Positions of the input tokens in the cache, handed to the language model (`generate` passes them up to
+            transformers 5.3).
         logits_to_keep (`int` or `torch.Tensor`, *optional*, defaults to 0):
             Compute logits only for the last `logits_to_keep` positions (0 keeps all), or for the given indices.
         """
-        return_dict = return_dict if return_dict is not None else self.config.return_dict
         outputs = self.model(
             input_ids=input_ids,
             pixel_values=pixel_values,
@@ -457,7 +378,7 @@ class FastVLMForConditionalGeneration(FastVLMPreTrainedModel, GenerationMixin):
         if labels is not None:
             loss = self.loss_function(logits, labels, vocab_size=self.config.text_config.vocab_size, **kwargs)
 
-        output = FastVLMCausalLMOutputWithPast(
+        return FastVLMCausalLMOutputWithPast(
             loss=loss,
             logits=logits,
             hidden_states=outputs.hidden_states,
@@ -465,7 +386,6 @@ class FastVLMForConditionalGeneration(FastVLMPreTrainedModel, GenerationMixin):
             image_hidden_states=outputs.image_hidden_states,
             **vlm_output_fields(cache_of(outputs), outputs.get("image_outputs")),
         )
-        return output if return_dict else output.to_tuple()
 
     def prepare_inputs_for_generation(
         self, *args, pixel_values: torch.FloatTensor | None = None, is_first_iteration: bool | None = None, **kwargs

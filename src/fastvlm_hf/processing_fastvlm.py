@@ -113,18 +113,17 @@ class FastVLMProcessor(ProcessorMixin):
         A `tokenizer` or `image_processor` passed in is used instead of the checkpoint's, as transformers' processors
         do; a tokenizer without `<image>` gets it added in place.
         """
-        config_dict = checkpoints.read_config_dict(pretrained_model_name_or_path, **kwargs)
-        if checkpoints.layout_of(config_dict) == checkpoints.FASTVLM:
+        checkpoint = checkpoints.describe(pretrained_model_name_or_path, **kwargs)
+        if not checkpoint.is_foreign:
             return super().from_pretrained(pretrained_model_name_or_path, **kwargs)
         tokenizer, image_processor = kwargs.pop("tokenizer", None), kwargs.pop("image_processor", None)
         if tokenizer is None:
             tokenizer = AutoTokenizer.from_pretrained(pretrained_model_name_or_path, **kwargs)
         if image_processor is None:
-            image_processor = FastVLMImageProcessor.from_pretrained(pretrained_model_name_or_path, **kwargs)
+            image_processor = FastVLMImageProcessor.from_checkpoint(checkpoint, **kwargs)
         processor_dict, _ = cls.get_processor_dict(pretrained_model_name_or_path, **kwargs)
         processor = cls(image_processor, tokenizer, chat_template=processor_dict.get("chat_template"))
-        image_token_id = checkpoints.fastvlm_config_dict(config_dict)["image_token_id"]
-        _add_image_token(processor.tokenizer, processor.image_token, image_token_id)
+        _add_image_token(processor.tokenizer, processor.image_token, checkpoint.image_token_id)
         return processor
 
     @property

@@ -17,6 +17,7 @@ from typing import Any
 from transformers.utils import cached_file
 
 from . import checkpoints
+from .checkpoints import CheckpointDescription
 from .compat import PretrainedConfig
 
 _BNB_METHOD = "bitsandbytes"
@@ -60,12 +61,15 @@ def merge_skip_modules(quantization_config: Any, modules: list[str]) -> Any:
     return merged
 
 
-def with_unquantized_modules(model_class: type, pretrained_model_name_or_path, kwargs: dict[str, Any]) -> dict:
+def with_unquantized_modules(
+    model_class: type, pretrained_model_name_or_path, kwargs: dict[str, Any], checkpoint: CheckpointDescription
+) -> dict:
     """`from_pretrained`'s kwargs, changed so that bitsandbytes leaves `model_class._unquantized_modules` alone.
 
     A `quantization_config` given by the caller gets the modules added. A bitsandbytes config stored in the
-    checkpoint's `config.json` (a pre-quantized checkpoint) gets those of them the checkpoint stores unquantized, so
-    that checkpoints quantized elsewhere, vision tower included, still load as they were saved.
+    checkpoint's `config.json` (a pre-quantized checkpoint, as `checkpoint` describes it) gets those of them the
+    checkpoint stores unquantized, so that checkpoints quantized elsewhere, vision tower included, still load as they
+    were saved.
     """
     modules = list(model_class._unquantized_modules)
     if is_bitsandbytes_config(kwargs.get("quantization_config")):
@@ -75,14 +79,14 @@ def with_unquantized_modules(model_class: type, pretrained_model_name_or_path, k
     if isinstance(config, PretrainedConfig):
         stored = getattr(config, "quantization_config", None)
     elif config is None:
-        stored = checkpoints.read_config_dict(pretrained_model_name_or_path, **kwargs).get("quantization_config")
+        stored = checkpoint.stored_quantization_config()
     else:  # a path to a config: transformers reads it
         return kwargs
     if not is_bitsandbytes_config(stored):
         return kwargs
 
     stored_modules = _skip_list(stored)
-    quantized = _modules_stored_quantized(pretrained_model_name_or_path, kwargs)
+    quantized = _modules_stored_quantized(pretrained_model_name_or_path, kwargs, checkpoint.layout)
     if quantized is None:  # no safetensors weights to read the names of: trust the stored config
         return kwargs
     keep = [name for name in modules if not _covers(name, quantized) and name not in stored_modules]
@@ -147,9 +151,9 @@ def _covers(module: str, names: set[str]) -> bool:
     return any(name == module or name.startswith(module + ".") for name in names)
 
 
-def _modules_stored_quantized(pretrained_model_name_or_path, kwargs: dict[str, Any]) -> set[str] | None:
-    """Names (in our layout, without a leading `model.`) of the modules a checkpoint stores quantized, or None when
-    its weight names cannot be read without loading them."""
+def _modules_stored_quantized(pretrained_model_name_or_path, kwargs: dict[str, Any], layout: str) -> set[str] | None:
+    """Names (in our layout, without a leading `model.`) of the modules a checkpoint of `layout` stores quantized, or
+    None when its weight names cannot be read without loading them."""
     names = _stored_weight_names(pretrained_model_name_or_path, kwargs)
     if names is None:
         return None
@@ -160,7 +164,6 @@ def _modules_stored_quantized(pretrained_model_name_or_path, kwargs: dict[str, A
                 modules.add(name[: name.index(marker)])
         if name.endswith(_INT8_SCALES):
             modules.add(name.removesuffix(_INT8_SCALES))
-    layout = checkpoints.layout_of(checkpoints.read_config_dict(pretrained_model_name_or_path, **kwargs))
     renamed = checkpoints.to_fastvlm_state_dict(dict.fromkeys(f"{module}.weight" for module in modules), layout)
     return {name.removesuffix(".weight").removeprefix("model.") for name in renamed}
 

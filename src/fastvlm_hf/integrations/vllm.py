@@ -3,7 +3,7 @@
 vLLM calls `register` in each of its processes (the `vllm.general_plugins` entry point in `pyproject.toml`). From then
 on the three checkpoint layouts serve as they are: `vllm serve apple/FastVLM-0.5B`, this package's checkpoints, and
 transformers' native `fast_vlm` ones. vLLM builds `FastVLMModel` with `AutoModel.from_config`, loads the weights itself
-(renamed by the table of `checkpoints.py`), and prepares prompts with `FastVLMProcessor`.
+(renamed by the tables of `checkpoints/keys.py`), and prepares prompts with `FastVLMProcessor`.
 """
 
 from __future__ import annotations
