@@ -321,3 +321,17 @@ def test_torch_compile_captures_the_encoder_in_one_graph(eval_tower):
     with torch.no_grad():
         compiled_features = compiled(pixel_values).last_hidden_state  # the compiler may reorder float32 sums
         assert relative_error(compiled_features, eval_tower(pixel_values).last_hidden_state) <= 1e-5
+
+
+@torch.no_grad()
+def test_return_dict_false_gives_the_outputs_as_a_tuple(config):
+    model = FastViTHDModel(config).eval()
+    pixel_values = torch.rand(1, 3, 128, 128)
+    as_dict = model(pixel_values, output_hidden_states=True)
+    as_tuple = model(pixel_values, output_hidden_states=True, return_dict=False)
+    assert len(as_tuple) == 3 and len(as_tuple[2]) == 6
+    assert torch.equal(as_tuple[0], as_dict.last_hidden_state) and torch.equal(as_tuple[1], as_dict.pooler_output)
+    assert all(torch.equal(a, b) for a, b in zip(as_tuple[2], as_dict.hidden_states))
+    model.config.return_dict = False
+    assert len(model(pixel_values)) == 2  # no hidden states asked for: none in the tuple
+    assert isinstance(model(pixel_values, return_dict=True), type(as_dict))
