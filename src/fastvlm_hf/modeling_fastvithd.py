@@ -15,6 +15,7 @@ from transformers import PreTrainedModel
 from transformers.activations import ACT2FN
 from transformers.modeling_layers import GradientCheckpointingLayer
 from transformers.modeling_outputs import BaseModelOutputWithPoolingAndNoAttention
+from transformers.utils import can_return_tuple
 
 from .compat import weight_init, without_hub_kernels_unless_asked
 from .configuration_fastvithd import FastViTHDConfig
@@ -345,17 +346,16 @@ class FastViTHDModel(CPURoutesMixin, FastViTHDPreTrainedModel):
         """The stem: it embeds the pixels, as a vision transformer's patch embedding does."""
         return self.stem
 
+    @can_return_tuple
     def forward(
         self,
         pixel_values: torch.Tensor,
         output_hidden_states: bool | None = None,
-        return_dict: bool | None = None,
         **kwargs,
-    ) -> BaseModelOutputWithPoolingAndNoAttention | tuple:
+    ) -> BaseModelOutputWithPoolingAndNoAttention:
         output_hidden_states = (
             output_hidden_states if output_hidden_states is not None else self.config.output_hidden_states
         )
-        return_dict = return_dict if return_dict is not None else self.config.return_dict
         patch_size = self.config.patch_size
         height, width = pixel_values.shape[-2:]
         if height % patch_size or width % patch_size:
@@ -375,9 +375,6 @@ class FastViTHDModel(CPURoutesMixin, FastViTHDPreTrainedModel):
                 all_hidden_states += (hidden_states,)
         last_hidden_state = self.final_conv(hidden_states)  # (B, hidden_size, H/patch_size, W/patch_size)
         pooled_output = last_hidden_state.mean(dim=(2, 3))
-
-        if not return_dict:
-            return tuple(v for v in (last_hidden_state, pooled_output, all_hidden_states) if v is not None)
         return BaseModelOutputWithPoolingAndNoAttention(
             last_hidden_state=last_hidden_state,
             pooler_output=pooled_output,
