@@ -3,7 +3,11 @@
 import math
 
 import torch
-from conftest import TINY_VISION_CONFIG, give_weights_a_working_scale, randomize_non_parameter_state
+from conftest import (
+    TINY_VISION_CONFIG,
+    give_weights_a_working_scale,
+    randomize_non_parameter_state,
+)
 
 from fastvlm_hf import FastViTHDConfig, FastViTHDModel
 from fastvlm_hf.modeling_fastvithd import FastViTHDRepMixerBlock

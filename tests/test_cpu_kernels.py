@@ -22,7 +22,11 @@ from fastvlm_hf import FastViTHDConfig
 from fastvlm_hf.cpu import fast_routes_enabled, fast_routes_off, kernels
 from fastvlm_hf.cpu import settings as cpu_settings
 from fastvlm_hf.cpu.routes import RoutedForward, install_cpu_routes, remove_cpu_routes
-from fastvlm_hf.modeling_fastvithd import FastViTHDConvAct, FastViTHDConvMlp, FastViTHDPatchEmbed
+from fastvlm_hf.modeling_fastvithd import (
+    FastViTHDConvAct,
+    FastViTHDConvMlp,
+    FastViTHDPatchEmbed,
+)
 
 ROUTES = ["conv_act", "pointwise_layers", "stem_in_row_bands"]
 

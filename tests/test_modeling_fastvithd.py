@@ -4,7 +4,11 @@ import copy
 
 import pytest
 import torch
-from conftest import TINY_VISION_CONFIG, needs_native_bfloat16, randomize_non_parameter_state
+from conftest import (
+    TINY_VISION_CONFIG,
+    needs_native_bfloat16,
+    randomize_non_parameter_state,
+)
 from fastvithd_by_hand import (
     attention_by_hand,
     channel_layer_norm_by_hand,
