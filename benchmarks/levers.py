@@ -17,7 +17,7 @@ import argparse
 import contextlib
 import copy
 import math
-from collections.abc import Callable
+from collections.abc import Callable, Iterator
 
 import _torchvision_shim  # noqa: F401  (first: before anything imports torchvision)
 import torch
@@ -50,7 +50,6 @@ from fastvlm_hf.cpu import settings as cpu_settings
 PROMPT_TOKENS = 282  # 256 image tokens at 1024 px and predict.py's prompt in the chat template
 
 
-
 def _unfolded_conv_norm(self, hidden_states):
     return self.bn(self.conv(hidden_states))
 
@@ -70,32 +69,57 @@ def _layer_norm_by_formula(self, hidden_states):
     return hidden_states * self.weight[:, None, None] + self.bias[:, None, None]
 
 
-# Each lever: how to switch it off.
-LEVERS: dict[str, Callable[[], contextlib.AbstractContextManager]] = {
-    "convolution + activation as one oneDNN kernel": lambda: patched(cpu_settings, "onednn_fusion_min_pixels", math.inf),
-    "channels-last activations": lambda: patched(fastvithd, "ACTIVATION_MEMORY_FORMAT", torch.contiguous_format),
-    "ConvFFN BatchNorm folded in eval": lambda: patched(fastvithd.FastViTHDConvNorm, "forward", _unfolded_conv_norm),
-    "layer scale + residual in one op": lambda: patched(fastvithd.FastViTHDLayerScale, "forward", _unfused_layer_scale),
-    "activations on the NHWC view": lambda: patched(fastvithd.FastViTHDActivation, "forward", _activation_on_the_tensor),
-    "LayerNorm2d as F.layer_norm": lambda: patched(fastvithd.FastViTHDLayerNorm2d, "forward", _layer_norm_by_formula),
-    "downsampling convolutions as depthwise ones": lambda: patched(cpu_settings, "depthwise_duplicate_max_bytes", 0),
-    "ConvFFN pointwise layers in pixel chunks": lambda: patched(cpu_settings, "convffn_chunking_min_bytes", math.inf),
-    "ConvFFN pointwise layers of small maps as linear layers": lambda: patched(
+@contextlib.contextmanager
+def _nchw_activations(model: FastViTHDModel) -> Iterator[None]:
+    """The stem handed its input in NCHW instead of channels last: every activation after it stays NCHW (one more
+    copy of the image than the encoder as shipped makes, next to nothing beside the encoder's work)."""
+    handle = model.get_input_embeddings().register_forward_pre_hook(lambda module, args: (args[0].contiguous(),))
+    try:
+        yield
+    finally:
+        handle.remove()
+
+
+# Each lever: how to switch it off in a given encoder.
+LEVERS: dict[str, Callable[[FastViTHDModel], contextlib.AbstractContextManager]] = {
+    "convolution + activation as one oneDNN kernel": lambda model: patched(
+        cpu_settings, "onednn_fusion_min_pixels", math.inf
+    ),
+    "channels-last activations": _nchw_activations,
+    "ConvFFN BatchNorm folded in eval": lambda model: patched(
+        fastvithd.FastViTHDConvNorm, "forward", _unfolded_conv_norm
+    ),
+    "layer scale + residual in one op": lambda model: patched(
+        fastvithd.FastViTHDLayerScale, "forward", _unfused_layer_scale
+    ),
+    "activations on the NHWC view": lambda model: patched(
+        fastvithd.FastViTHDActivation, "forward", _activation_on_the_tensor
+    ),
+    "LayerNorm2d as F.layer_norm": lambda model: patched(
+        fastvithd.FastViTHDLayerNorm2d, "forward", _layer_norm_by_formula
+    ),
+    "downsampling convolutions as depthwise ones": lambda model: patched(
+        cpu_settings, "depthwise_duplicate_max_bytes", 0
+    ),
+    "ConvFFN pointwise layers in pixel chunks": lambda model: patched(
+        cpu_settings, "convffn_chunking_min_bytes", math.inf
+    ),
+    "ConvFFN pointwise layers of small maps as linear layers": lambda model: patched(
         cpu_settings, "convffn_linear_max_pixels_per_channel", 0
     ),
-    "stem in row bands": lambda: patched(cpu_settings, "stem_banding_min_bytes", math.inf),
+    "stem in row bands": lambda model: patched(cpu_settings, "stem_banding_min_bytes", math.inf),
 }
 
 
-def all_levers_off() -> contextlib.ExitStack:
+def all_levers_off(model: FastViTHDModel) -> contextlib.ExitStack:
     stack = contextlib.ExitStack()
     for switch_off in LEVERS.values():
-        stack.enter_context(switch_off())
+        stack.enter_context(switch_off(model))
     return stack
 
 
-def vision_variants() -> dict[str, Callable[[], contextlib.AbstractContextManager]]:
-    variants = {"as shipped": contextlib.nullcontext}
+def vision_variants() -> dict[str, Callable[[FastViTHDModel], contextlib.AbstractContextManager]]:
+    variants = {"as shipped": lambda model: contextlib.nullcontext()}
     variants.update({f"without {name}": switch_off for name, switch_off in LEVERS.items()})
     variants["without any lever"] = all_levers_off
     return variants
@@ -110,7 +134,7 @@ def time_vision(args: argparse.Namespace, dtype_name: str) -> list[list[str]]:
 
     def run(context):
         def call():
-            with context(), torch.inference_mode():
+            with context(model), torch.inference_mode():
                 return model(pixel_values).last_hidden_state
 
         return call

@@ -1,22 +1,31 @@
 """FastViTHD: each block against hand-written math, the whole encoder's shapes, layout and serialisation."""
 
 import copy
-import math
 
 import pytest
 import torch
 from conftest import (
     TINY_VISION_CONFIG,
-    count_calls,
-    give_weights_a_working_scale,
     needs_native_bfloat16,
     randomize_non_parameter_state,
+)
+from fastvithd_by_hand import (
+    attention_by_hand,
+    channel_layer_norm_by_hand,
+    conv_mlp_by_hand,
+    depthwise_conv_by_hand,
+    gelu_by_hand,
+    pointwise_by_hand,
+    relative_error,
+    scaled,
+    seeded,
+    tiny_eval_tower,
+    tower_by_hand,
 )
 from transformers import AutoConfig, AutoModel
 
 from fastvlm_hf import FastViTHDConfig, FastViTHDModel
-from fastvlm_hf.cpu import fast_routes_enabled, fast_routes_off, kernels
-from fastvlm_hf.cpu import settings as cpu_settings
+from fastvlm_hf.cpu import fast_routes_off
 from fastvlm_hf.modeling_fastvithd import (
     FastViTHDAttentionBlock,
     FastViTHDConvAct,
@@ -27,54 +36,6 @@ from fastvlm_hf.modeling_fastvithd import (
     FastViTHDRepMixerBlock,
     FastViTHDStage,
 )
-
-
-def seeded(module, seed=0):
-    generator = torch.Generator().manual_seed(seed)
-    with torch.no_grad():
-        for tensor in module.state_dict().values():
-            if tensor.is_floating_point():
-                tensor.copy_(torch.randn(tensor.shape, generator=generator) * 0.3)
-        for submodule in module.modules():
-            if isinstance(submodule, torch.nn.BatchNorm2d):
-                submodule.running_var.abs_().add_(0.5)
-    return module.eval()
-
-
-def depthwise_conv_by_hand(x, weight, bias):
-    """Same-padded depthwise cross-correlation as an explicit sum of shifted, weighted copies."""
-    channels, _, kernel, _ = weight.shape
-    pad = kernel // 2
-    padded = torch.nn.functional.pad(x, (pad, pad, pad, pad))
-    height, width = x.shape[-2:]
-    out = torch.zeros_like(x)
-    for dy in range(kernel):
-        for dx in range(kernel):
-            out += padded[:, :, dy : dy + height, dx : dx + width] * weight[:, 0, dy, dx].view(1, channels, 1, 1)
-    return out + bias.view(1, channels, 1, 1)
-
-
-def pointwise_by_hand(x, weight, bias):
-    return torch.einsum("oc,bchw->bohw", weight[:, :, 0, 0], x) + bias.view(1, -1, 1, 1)
-
-
-def gelu_by_hand(x):
-    return 0.5 * x * (1.0 + torch.erf(x / math.sqrt(2.0)))
-
-
-def channel_layer_norm_by_hand(x, weight, bias, eps):
-    mean = x.mean(dim=1, keepdim=True)
-    biased_variance = ((x - mean) ** 2).sum(dim=1, keepdim=True) / x.shape[1]
-    return (x - mean) / torch.sqrt(biased_variance + eps) * weight.view(1, -1, 1, 1) + bias.view(1, -1, 1, 1)
-
-
-def conv_mlp_by_hand(mlp, x):
-    bn = mlp.conv.bn
-    y = depthwise_conv_by_hand(x, mlp.conv.conv.weight, torch.zeros(x.shape[1], dtype=x.dtype))
-    y = (y - bn.running_mean.view(1, -1, 1, 1)) / torch.sqrt(bn.running_var.view(1, -1, 1, 1) + bn.eps)
-    y = y * bn.weight.view(1, -1, 1, 1) + bn.bias.view(1, -1, 1, 1)
-    y = gelu_by_hand(pointwise_by_hand(y, mlp.fc1.weight, mlp.fc1.bias))
-    return pointwise_by_hand(y, mlp.fc2.weight, mlp.fc2.bias)
 
 
 @pytest.fixture
@@ -117,23 +78,6 @@ def test_channel_layer_norm_matches_biased_variance_formula():
     expected = channel_layer_norm_by_hand(x.double(), norm.weight.double(), norm.bias.double(), 1e-5)
     assert torch.allclose(norm(x).double(), expected, atol=1e-5)
 
-
-def attention_by_hand(mixer, x):
-    """Multi-head softmax(q·kᵀ/√d)·v over the pixels of a (B, C, H, W) map, then the output projection."""
-    channels, head_dim = x.shape[1], mixer.head_dim
-    tokens = x.flatten(2).transpose(1, 2)  # (B, N, C), row-major
-    q, k, v = (tokens @ mixer.qkv.weight.T).split(channels, dim=-1)
-    heads = []
-    for h in range(channels // head_dim):  # channels [d·h, d·h + d) belong to head h
-        qh, kh, vh = (t[..., head_dim * h : head_dim * (h + 1)] for t in (q, k, v))
-        weights = torch.softmax((qh * head_dim**-0.5) @ kh.transpose(1, 2), dim=-1)
-        heads.append(weights @ vh)
-    attended = torch.cat(heads, dim=-1) @ mixer.proj.weight.T + mixer.proj.bias
-    return attended.transpose(1, 2).reshape_as(x)
-
-
-def scaled(layer_scale, x):
-    return layer_scale.gamma.view(1, -1, 1, 1) * x
 
 
 @torch.no_grad()
@@ -293,50 +237,9 @@ def test_save_and_load_round_trip(tmp_path, config):
         assert torch.equal(model(pixels).last_hidden_state, reloaded(pixels).last_hidden_state)
 
 
-def conv_act_by_hand(block, x):
-    """`FastViTHDConvAct` written out: convolution, optional squeeze-excite, GELU."""
-    conv = block.reparam_conv
-    x = torch.nn.functional.conv2d(x, conv.weight, conv.bias, conv.stride, conv.padding, groups=conv.groups)
-    if not isinstance(block.se, torch.nn.Identity):
-        gate = pointwise_by_hand(x.mean(dim=(2, 3), keepdim=True), block.se.fc1.weight, block.se.fc1.bias)
-        x = x * torch.sigmoid(pointwise_by_hand(torch.relu(gate), block.se.fc2.weight, block.se.fc2.bias))
-    return gelu_by_hand(x)
-
-
-def tower_by_hand(model, pixel_values):
-    """The whole encoder in plain NCHW math, with every BatchNorm applied on its own after its convolution."""
-    x = pixel_values
-    for block in model.stem:
-        x = conv_act_by_hand(block, x)
-    for stage in model.stages:
-        if not isinstance(stage.downsample, torch.nn.Identity):
-            for block in stage.downsample.proj:
-                x = conv_act_by_hand(block, x)
-        if not isinstance(stage.pos_emb, torch.nn.Identity):
-            x = depthwise_conv_by_hand(x, stage.pos_emb.reparam_conv.weight, stage.pos_emb.reparam_conv.bias)
-        for block in stage.blocks:
-            if isinstance(block, FastViTHDRepMixerBlock):
-                x = depthwise_conv_by_hand(x, block.token_mixer.reparam_conv.weight, block.token_mixer.reparam_conv.bias)
-                x = x + scaled(block.layer_scale, conv_mlp_by_hand(block.mlp, x))
-            else:
-                normed = channel_layer_norm_by_hand(x, block.norm.weight, block.norm.bias, block.norm.eps)
-                x = x + scaled(block.layer_scale_1, attention_by_hand(block.token_mixer, normed))
-                x = x + scaled(block.layer_scale_2, conv_mlp_by_hand(block.mlp, x))
-    return conv_act_by_hand(model.final_conv, x)
-
-
-def relative_error(actual, expected):
-    return float((actual.double() - expected).norm() / expected.norm())
-
-
 @pytest.fixture
-def eval_tower(config):
-    """A tiny tower in which every stage shapes the output (`test_every_stage_moves_the_output` shows it)."""
-    torch.manual_seed(0)
-    model = FastViTHDModel(config)
-    randomize_non_parameter_state(model)
-    give_weights_a_working_scale(model)
-    return model.eval()
+def eval_tower():
+    return tiny_eval_tower()
 
 
 @torch.no_grad()
@@ -356,28 +259,14 @@ def test_every_stage_moves_the_output(eval_tower):
         assert relative_error(moved, expected) > 1e-3, name
 
 
-@pytest.fixture(params=["whole maps", "pixel chunks and row bands"])
-def chunking(request, monkeypatch):
-    """Runs a test twice: with the work split as the encoder picks at this size (maps too small for chunking; the last
-    two stages, with fewer pixels than channels, run their ConvFFNs as linear layers over all pixels), and with
-    every ConvFFN's pointwise layers in chunks of 4736 bytes of float32 hidden activations (37 pixels in the first
-    stage, 18, 9, 4 and 2 in the wider later ones; each map's last chunk shorter) and the stem in bands of 3 output
-    rows (the first layer's output in 7-row bands for a batch of 2 at 128 px; the last band shorter)."""
-    if request.param == "pixel chunks and row bands":
-        monkeypatch.setattr(cpu_settings, "convffn_chunking_min_bytes", 0)
-        monkeypatch.setattr(cpu_settings, "convffn_chunk_bytes", 37 * 4 * 32)
-        monkeypatch.setattr(cpu_settings, "stem_banding_min_bytes", 0)
-        monkeypatch.setattr(cpu_settings, "stem_band_bytes", 7 * 2 * 8 * 64 * 4)
-    return request.param
-
-
 @torch.no_grad()
-def test_optimised_eval_path_matches_plain_math_in_float32(eval_tower, chunking):
-    # Eval mode runs channels-last with each ConvFFN BatchNorm folded into its convolution; the reference
-    # applies every operation as written, in float64.
+def test_eval_path_matches_plain_math_in_float32(eval_tower):
+    # Eval mode runs channels-last with each ConvFFN BatchNorm folded into its convolution; the reference applies
+    # every operation as written, in float64. (tests/test_cpu_kernels.py: the same with the CPU routes.)
     pixel_values = torch.rand(2, 3, 128, 128, generator=torch.Generator().manual_seed(1))
     expected = tower_by_hand(copy.deepcopy(eval_tower).double(), pixel_values.double())
-    assert relative_error(eval_tower(pixel_values).last_hidden_state, expected) <= 1e-5
+    with fast_routes_off():
+        assert relative_error(eval_tower(pixel_values).last_hidden_state, expected) <= 1e-5
 
 
 @needs_native_bfloat16
@@ -438,130 +327,15 @@ def test_torch_compile_captures_the_encoder_in_one_graph(eval_tower):
         assert relative_error(compiled_features, eval_tower(pixel_values).last_hidden_state) <= 1e-5
 
 
-def test_inference_kernels_match_the_differentiable_path(eval_tower):
-    # Without gradients, convolutions and their activations on large maps run as one fused CPU kernel; with them, as
-    # two modules. At 256 px the first stage's maps (64×64) are large enough.
-    pixel_values = torch.rand(2, 3, 256, 256, generator=torch.Generator().manual_seed(4))
-    mlp = eval_tower.stages[0].blocks[0].mlp
-    first_stage_map = torch.empty(2, eval_tower.config.embed_dims[0], 64, 64)
-    with torch.no_grad():
-        assert kernels._onednn_can_fuse(mlp.fc1, mlp.act, first_stage_map)
-        fused = eval_tower(pixel_values).last_hidden_state
-    assert not kernels._onednn_can_fuse(mlp.fc1, mlp.act, first_stage_map)
-    plain = eval_tower(pixel_values).last_hidden_state
-    assert plain.requires_grad
-    assert relative_error(fused, plain.detach().double()) <= 1e-6
-
-
 @torch.no_grad()
-def test_one_switch_turns_every_fast_route_off(eval_tower, monkeypatch, onednn_calls):
-    monkeypatch.setattr(cpu_settings, "convffn_chunking_min_bytes", 0)  # every ConvFFN over chunks of pixels
-    monkeypatch.setattr(cpu_settings, "stem_banding_min_bytes", 0)  # the stem over bands of rows
-    routes = count_calls(monkeypatch, kernels, ["_repeat_each_channel", "_stem_rows"])
-    pixel_values = torch.rand(2, 3, 256, 256, generator=torch.Generator().manual_seed(6))  # fused convolutions too
-    fast = eval_tower(pixel_values).last_hidden_state
-    assert set(routes) == {"_repeat_each_channel", "_stem_rows"}
-    assert set(onednn_calls) == {"_convolution_pointwise", "_linear_pointwise"}
-    routes.clear()
-    onednn_calls.clear()
-    with fast_routes_off():
-        plain = eval_tower(pixel_values).last_hidden_state
-    assert fast_routes_enabled()
-    assert not routes and not onednn_calls
-    with torch.enable_grad():  # the differentiable path: the blocks as written, no route
-        assert torch.equal(plain, eval_tower(pixel_values).last_hidden_state)
-    assert relative_error(fast, plain.double()) <= 1e-6
-
-
-@torch.no_grad()
-def test_convffn_runs_its_pointwise_layers_in_chunks_on_large_maps(config, monkeypatch):
-    mlp = seeded(FastViTHDConvMlp(config, channels=8, hidden_channels=32))
-    x = torch.randn(2, 8, 9, 9).contiguous(memory_format=torch.channels_last)
-    assert kernels._convffn_chunk_pixels(mlp.fc1, mlp.act, x) is None  # 20 KiB of hidden activations: all at once
-    monkeypatch.setattr(cpu_settings, "convffn_chunking_min_bytes", 0)
-    monkeypatch.setattr(cpu_settings, "convffn_chunk_bytes", 37 * 4 * 32)
-    assert kernels._convffn_chunk_pixels(mlp.fc1, mlp.act, x) == 37  # 162 pixels: 4 chunks of 37, then 14
-    assert kernels._convffn_chunk_pixels(mlp.fc1, mlp.act, x.contiguous()) is None  # NCHW maps keep their layout
-    chunked = mlp(x)
-    expected = conv_mlp_by_hand(copy.deepcopy(mlp).double(), x.double())
-    assert chunked.is_contiguous(memory_format=torch.channels_last)
-    assert relative_error(chunked, expected) <= 1e-6
-    assert relative_error(mlp.bfloat16()(x.bfloat16()), expected) <= 2e-2
-    with torch.enable_grad():
-        assert kernels._convffn_chunk_pixels(mlp.fc1, mlp.act, x) is None  # training runs the modules
-
-
-@torch.no_grad()
-def test_convffn_runs_its_pointwise_layers_as_linear_layers_on_maps_with_few_pixels(config):
-    mlp = seeded(FastViTHDConvMlp(config, channels=8, hidden_channels=32))
-    x = torch.randn(2, 8, 2, 2).contiguous(memory_format=torch.channels_last)  # 8 pixels, 8 channels
-    assert kernels._convffn_chunk_pixels(mlp.fc1, mlp.act, x) == 8  # one chunk: every pixel
-    nine_pixels = torch.randn(1, 8, 3, 3).contiguous(memory_format=torch.channels_last)
-    assert kernels._convffn_chunk_pixels(mlp.fc1, mlp.act, nine_pixels) is None  # more pixels than channels: convs
-    expected = conv_mlp_by_hand(copy.deepcopy(mlp).double(), x.double())
-    as_linear = mlp(x)
-    assert as_linear.is_contiguous(memory_format=torch.channels_last)
-    assert relative_error(as_linear, expected) <= 1e-6
-    assert relative_error(mlp.bfloat16()(x.bfloat16()), expected) <= 2e-2
-
-
-@pytest.mark.parametrize("first_layer_band_rows", [0, 10, 10**6])  # stem bands of 1 row, 5 rows, the whole map
-@pytest.mark.parametrize("fused", [True, False], ids=["fused kernels", "modules"])
-@pytest.mark.parametrize("dtype", [torch.float32, pytest.param(torch.bfloat16, marks=needs_native_bfloat16)])
-def test_stem_in_row_bands_matches_the_whole_map(eval_tower, monkeypatch, first_layer_band_rows, fused, dtype):
-    # A 48×96 image: the first layer's output is 24 rows of 48 pixels of 8 channels, the stem's 12 rows.
-    first_layer_row_bytes = 8 * 48 * dtype.itemsize
-    monkeypatch.setattr(cpu_settings, "stem_banding_min_bytes", 0)
-    monkeypatch.setattr(cpu_settings, "stem_band_bytes", first_layer_band_rows * first_layer_row_bytes)
-    monkeypatch.setattr(cpu_settings, "onednn_fusion_min_pixels", 0 if fused else math.inf)
-    pixel_values = torch.rand(1, 3, 48, 96, generator=torch.Generator().manual_seed(5))
-    pixel_values = pixel_values.contiguous(memory_format=torch.channels_last).to(dtype)
-    expected = pixel_values.double()
-    with torch.no_grad():
-        for layer in copy.deepcopy(eval_tower.stem).double():
-            expected = conv_act_by_hand(layer, expected)
-    stem = eval_tower.stem.to(dtype)
-    with torch.no_grad():
-        assert kernels._band_rows(stem, pixel_values, [48, 24, 12]) == max(1, first_layer_band_rows // 2)
-        banded = stem(pixel_values)
-    assert banded.shape == expected.shape
-    assert banded.is_contiguous(memory_format=torch.channels_last)
-    assert relative_error(banded, expected) <= (1e-6 if dtype == torch.float32 else 1e-2)
-
-
-def test_stem_runs_on_the_whole_map_with_autograd_or_nchw_input(eval_tower, monkeypatch):
-    monkeypatch.setattr(cpu_settings, "stem_banding_min_bytes", 0)
-    heights = [48, 24, 12]
-    pixel_values = torch.rand(1, 3, 48, 48).contiguous(memory_format=torch.channels_last)
-    with torch.no_grad():
-        assert kernels._band_rows(eval_tower.stem, pixel_values, heights) is not None
-        assert kernels._band_rows(eval_tower.stem, pixel_values.contiguous(), heights) is None  # NCHW
-    assert kernels._band_rows(eval_tower.stem, pixel_values, heights) is None  # autograd
-    monkeypatch.setattr(cpu_settings, "stem_banding_min_bytes", 2**20)
-    with torch.no_grad():
-        assert kernels._band_rows(eval_tower.stem, pixel_values, heights) is None  # a small first-layer map (18 KiB)
-
-
-@pytest.mark.parametrize("dtype", [torch.float32, pytest.param(torch.bfloat16, marks=needs_native_bfloat16)])
-def test_channel_multiplier_convolution_runs_as_depthwise_over_repeated_channels(config, dtype):
-    embed = seeded(FastViTHDPatchEmbed(config, in_channels=8, out_channels=16))
-    large = embed.proj[0]
-    x = torch.randn(2, 8, 20, 20).contiguous(memory_format=torch.channels_last)
-    with torch.no_grad():
-        expected = conv_act_by_hand(copy.deepcopy(large).double(), x.double())  # grouped: 2 outputs per input channel
-    large = large.to(dtype)
-    with torch.no_grad():
-        assert kernels._can_run_as_depthwise(large.reparam_conv, x.to(dtype))
-        assert not kernels._can_run_as_depthwise(large.reparam_conv, x.to(dtype).contiguous())  # NCHW
-        depthwise = large(x.to(dtype))
-    assert depthwise.is_contiguous(memory_format=torch.channels_last)
-    assert relative_error(depthwise, expected) <= (1e-6 if dtype == torch.float32 else 1e-2)
-    assert not kernels._can_run_as_depthwise(large.reparam_conv, x.to(dtype))  # with autograd: grouped
-    assert relative_error(large(x.to(dtype)).detach(), expected) <= (1e-6 if dtype == torch.float32 else 1e-2)
-
-
-def test_repeat_each_channel_keeps_channel_order_and_layout():
-    x = torch.arange(2 * 3 * 2 * 2, dtype=torch.float32).view(2, 3, 2, 2).contiguous(memory_format=torch.channels_last)
-    repeated = kernels._repeat_each_channel(x, 3)
-    assert torch.equal(repeated, x.repeat_interleave(3, dim=1))
-    assert repeated.is_contiguous(memory_format=torch.channels_last)
+def test_return_dict_false_gives_the_outputs_as_a_tuple(config):
+    model = FastViTHDModel(config).eval()
+    pixel_values = torch.rand(1, 3, 128, 128)
+    as_dict = model(pixel_values, output_hidden_states=True)
+    as_tuple = model(pixel_values, output_hidden_states=True, return_dict=False)
+    assert len(as_tuple) == 3 and len(as_tuple[2]) == 6
+    assert torch.equal(as_tuple[0], as_dict.last_hidden_state) and torch.equal(as_tuple[1], as_dict.pooler_output)
+    assert all(torch.equal(a, b) for a, b in zip(as_tuple[2], as_dict.hidden_states))
+    model.config.return_dict = False
+    assert len(model(pixel_values)) == 2  # no hidden states asked for: none in the tuple
+    assert isinstance(model(pixel_values, return_dict=True), type(as_dict))

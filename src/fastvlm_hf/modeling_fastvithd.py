@@ -1,8 +1,9 @@
 """FastViTHD, the image encoder of FastVLM, in the re-parameterised (inference) form of Apple's weights.
 
 Module names follow timm's FastViT (`stem`, `stages.N.downsample`, `stages.N.pos_emb`, `stages.N.blocks.M`,
-`token_mixer`, `mlp`, `final_conv`, `se`) so that foreign checkpoints map with one rename table each. At inference on
-a CPU, some blocks reach the same result by a faster route of `fastvlm_hf.cpu.kernels`.
+`token_mixer`, `mlp`, `final_conv`, `se`) so that foreign checkpoints map with one rename table each. Every forward
+here is the computation as written; at inference on a CPU, `fastvlm_hf.cpu.routes` gives some blocks a faster route to
+the same result.
 """
 
 from __future__ import annotations
@@ -14,25 +15,22 @@ from transformers import PreTrainedModel
 from transformers.activations import ACT2FN
 from transformers.modeling_layers import GradientCheckpointingLayer
 from transformers.modeling_outputs import BaseModelOutputWithPoolingAndNoAttention
+from transformers.utils import can_return_tuple
 
 from .compat import weight_init, without_hub_kernels_unless_asked
 from .configuration_fastvithd import FastViTHDConfig
-from .cpu import kernels
-
-# Layout of the activations inside the encoder. Channels last, the pointwise convolutions (most of the work) take
-# oneDNN's fast path on CPU and the attention stages read their tokens without a copy (benchmarks/README.md, "Levers").
-ACTIVATION_MEMORY_FORMAT = torch.channels_last
+from .cpu.routes import CPURoutesMixin
 
 
 class FastViTHDActivation(nn.Module):
     """The config's activation, applied through the (B, H, W, C) view of a channels-last feature map.
 
-    Same values; the view is contiguous, which takes element-wise kernels off their slower strided path.
+    Same values; the view is contiguous, the (tokens, channels) layout element-wise kernels (the Hub's activation
+    kernels among them) are written for.
     """
 
     def __init__(self, hidden_act: str):
         super().__init__()
-        self.hidden_act = hidden_act
         self.fn = ACT2FN[hidden_act]
 
     def forward(self, hidden_states: torch.Tensor) -> torch.Tensor:
@@ -74,19 +72,7 @@ class FastViTHDConvAct(nn.Module):
         self.act = FastViTHDActivation(hidden_act)
 
     def forward(self, hidden_states: torch.Tensor) -> torch.Tensor:
-        no_se = isinstance(self.se, nn.Identity)
-        if no_se and (fast := kernels.conv_act(self.reparam_conv, self.act, hidden_states)) is not None:
-            return fast
         return self.act(self.se(self.reparam_conv(hidden_states)))
-
-
-class FastViTHDStem(nn.Sequential):
-    """Three convolution + activation layers, no squeeze-excite: 3×3 stride 2, 3×3 depthwise stride 2, 1×1."""
-
-    def forward(self, pixel_values: torch.Tensor) -> torch.Tensor:
-        if (fast := kernels.stem_in_row_bands(self, pixel_values)) is not None:
-            return fast
-        return super().forward(pixel_values)
 
 
 class FastViTHDReparamDepthwiseConv(nn.Module):
@@ -149,8 +135,6 @@ class FastViTHDConvMlp(nn.Module):
 
     def forward(self, hidden_states: torch.Tensor) -> torch.Tensor:
         hidden_states = self.conv(hidden_states)
-        if (fast := kernels.pointwise_layers(self.fc1, self.act, self.fc2, hidden_states)) is not None:
-            return fast
         return self.fc2(self.act(self.fc1(hidden_states)))
 
 
@@ -314,7 +298,7 @@ class FastViTHDPreTrainedModel(PreTrainedModel):
             weight_init.constant_(module.gamma, self.config.layer_scale_init_value)
 
 
-class FastViTHDModel(FastViTHDPreTrainedModel):
+class FastViTHDModel(CPURoutesMixin, FastViTHDPreTrainedModel):
     r"""
     FastViTHD image encoder. Returns the (B, `hidden_size`, H/`patch_size`, W/`patch_size`) feature map as
     `last_hidden_state`, its spatial mean as `pooler_output`, and with `output_hidden_states=True` the stem
@@ -332,7 +316,8 @@ class FastViTHDModel(FastViTHDPreTrainedModel):
     def __init__(self, config: FastViTHDConfig):
         super().__init__(config)
         stem_width = config.embed_dims[0]
-        self.stem = FastViTHDStem(
+        # 3×3 stride 2, 3×3 depthwise stride 2, 1×1; no squeeze-excite
+        self.stem = nn.Sequential(
             FastViTHDConvAct(
                 config.num_channels, stem_width, config.stem_kernel_size, config.hidden_act, stride=config.stem_stride
             ),
@@ -361,17 +346,16 @@ class FastViTHDModel(FastViTHDPreTrainedModel):
         """The stem: it embeds the pixels, as a vision transformer's patch embedding does."""
         return self.stem
 
+    @can_return_tuple
     def forward(
         self,
         pixel_values: torch.Tensor,
         output_hidden_states: bool | None = None,
-        return_dict: bool | None = None,
         **kwargs,
-    ) -> BaseModelOutputWithPoolingAndNoAttention | tuple:
+    ) -> BaseModelOutputWithPoolingAndNoAttention:
         output_hidden_states = (
             output_hidden_states if output_hidden_states is not None else self.config.output_hidden_states
         )
-        return_dict = return_dict if return_dict is not None else self.config.return_dict
         patch_size = self.config.patch_size
         height, width = pixel_values.shape[-2:]
         if height % patch_size or width % patch_size:
@@ -380,7 +364,9 @@ class FastViTHDModel(FastViTHDPreTrainedModel):
                 f"resize the image (the image processor's `size`) to a multiple of {patch_size}."
             )
 
-        pixel_values = pixel_values.contiguous(memory_format=ACTIVATION_MEMORY_FORMAT)
+        # Channels last: the pointwise convolutions, most of the work, take oneDNN's fast path on a CPU, and the
+        # attention blocks read their tokens without a copy.
+        pixel_values = pixel_values.contiguous(memory_format=torch.channels_last)
         hidden_states = self.stem(pixel_values)  # (B, embed_dims[0], H/4, W/4)
         all_hidden_states = (hidden_states,) if output_hidden_states else None
         for stage in self.stages:
@@ -389,9 +375,6 @@ class FastViTHDModel(FastViTHDPreTrainedModel):
                 all_hidden_states += (hidden_states,)
         last_hidden_state = self.final_conv(hidden_states)  # (B, hidden_size, H/patch_size, W/patch_size)
         pooled_output = last_hidden_state.mean(dim=(2, 3))
-
-        if not return_dict:
-            return tuple(v for v in (last_hidden_state, pooled_output, all_hidden_states) if v is not None)
         return BaseModelOutputWithPoolingAndNoAttention(
             last_hidden_state=last_hidden_state,
             pooler_output=pooled_output,

@@ -2,6 +2,7 @@
 
 `kernels`: the faster routes FastViTHD's blocks take at inference in float32 and bfloat16 (oneDNN fusions, pixel
 chunks, row bands, channel repetition), each with the rule of when it applies.
+`routes`: which block takes which of them, put on the encoder's blocks from outside their forwards.
 `packed_linear`: the language model's linear layers with their weights in oneDNN's blocked layout (`pack_weights()`).
 
 `fast_routes_off()` turns all of them off at once; `settings` holds the sizes at which each route takes over.
@@ -21,9 +22,8 @@ _fast_routes = True
 
 @dataclasses.dataclass
 class CPURouteSettings:
-    """When each CPU route of `kernels` takes over from the plain computation: the sizes where it stopped paying off
-    (measured in benchmarks/README.md, "Levers"). Set a field on `settings` to move a threshold; `math.inf` or 0 turns
-    a route off, as the comments say."""
+    """When each CPU route of `kernels` takes over from the plain computation (benchmarks/levers.py measures what each
+    gives). Set a field on `settings` to move a threshold; `math.inf` or 0 turns a route off, as the comments say."""
 
     # One oneDNN kernel for a convolution and its activation, on maps of at least this many pixels (the fused kernel
     # repacks its weights on every call: it pays off on large maps only); `math.inf`: never.

@@ -1,9 +1,13 @@
 """The faster routes FastViTHD's blocks take at inference on a CPU.
 
 Each public function computes what a block of `modeling_fastvithd` computes, by a faster route where one applies, and
-returns None where none does: the block then runs its plain computation. Every route gives the plain result to
-rounding. The routes call private oneDNN operators of torch (`torch.ops.mkldnn`), which have no backward, and apply
-only to inference on CPU tensors in float32 or bfloat16, outside `fastvlm_hf.cpu.fast_routes_off()` (`_cpu_inference`).
+returns None where none does: the block then runs its plain computation (`routes` installs them on the blocks). Every
+route gives the plain result to rounding. The routes call private oneDNN operators of torch (`torch.ops.mkldnn`), which
+have no backward, and apply only to inference on CPU tensors in float32 or bfloat16, outside
+`fastvlm_hf.cpu.fast_routes_off()` (`_cpu_inference`).
+
+`post_op` is what `onednn_post_op` gives for the blocks' activation: how oneDNN applies it inside a kernel, or None
+where it cannot.
 """
 
 from __future__ import annotations
@@ -17,10 +21,17 @@ from . import fast_routes_enabled, has_native_bfloat16, settings
 # Activations oneDNN can apply inside a convolution or a linear layer: config name -> (post-op, algorithm).
 _ONEDNN_POST_OPS = {"gelu": ("gelu", "none"), "relu": ("relu", None)}
 
+PostOp = tuple[str, str | None]
+
 _HAS_ONEDNN_FUSED_CONVOLUTION = torch.backends.mkldnn.is_available() and hasattr(
     torch.ops.mkldnn, "_convolution_pointwise"
 )
 _HAS_ONEDNN_FUSED_LINEAR = torch.backends.mkldnn.is_available() and hasattr(torch.ops.mkldnn, "_linear_pointwise")
+
+
+def onednn_post_op(hidden_act: str) -> PostOp | None:
+    """The oneDNN post-op that applies the activation `hidden_act` (a config's name) inside a kernel; None: none does."""
+    return _ONEDNN_POST_OPS.get(hidden_act)
 
 
 def _cpu_inference(hidden_states: torch.Tensor, weight: torch.Tensor) -> bool:
@@ -43,21 +54,23 @@ def _cpu_inference(hidden_states: torch.Tensor, weight: torch.Tensor) -> bool:
 # Convolution + activation
 
 
-def conv_act(conv: nn.Conv2d, activation: nn.Module, hidden_states: torch.Tensor) -> torch.Tensor | None:
+def conv_act(
+    conv: nn.Conv2d, activation: nn.Module, post_op: PostOp | None, hidden_states: torch.Tensor
+) -> torch.Tensor | None:
     """`activation(conv(hidden_states))`: a convolution with a channel multiplier as a depthwise one over repeated
     channels, and the activation inside the convolution's kernel on large maps; None where neither applies."""
     if _can_run_as_depthwise(conv, hidden_states):
         repeated = _repeat_each_channel(hidden_states, conv.out_channels // conv.in_channels)
-        return _conv_act(conv, activation, repeated, groups=conv.out_channels, padding=conv.padding)
-    if _onednn_can_fuse(conv, activation, hidden_states):
-        return _fused_conv_act(conv, activation, hidden_states, conv.groups, conv.padding)
+        return _conv_act(conv, activation, post_op, repeated, groups=conv.out_channels, padding=conv.padding)
+    if _onednn_can_fuse(conv, post_op, hidden_states):
+        return _fused_conv_act(conv, post_op, hidden_states, conv.groups, conv.padding)
     return None
 
 
-def _onednn_can_fuse(conv: nn.Conv2d, activation: nn.Module, hidden_states: torch.Tensor) -> bool:
+def _onednn_can_fuse(conv: nn.Conv2d, post_op: PostOp | None, hidden_states: torch.Tensor) -> bool:
     return (
         _HAS_ONEDNN_FUSED_CONVOLUTION
-        and activation.hidden_act in _ONEDNN_POST_OPS
+        and post_op is not None
         and hidden_states.shape[-2] * hidden_states.shape[-1] >= settings.onednn_fusion_min_pixels
         and conv.padding_mode == "zeros"
         and _cpu_inference(hidden_states, conv.weight)
@@ -65,23 +78,28 @@ def _onednn_can_fuse(conv: nn.Conv2d, activation: nn.Module, hidden_states: torc
 
 
 def _fused_conv_act(
-    conv: nn.Conv2d, activation: nn.Module, hidden_states: torch.Tensor, groups: int, padding: tuple[int, int]
+    conv: nn.Conv2d, post_op: PostOp, hidden_states: torch.Tensor, groups: int, padding: tuple[int, int]
 ) -> torch.Tensor:
     """One oneDNN convolution with the activation applied to its accumulators (the kernel torch.compile uses): no
     second pass over, and no second copy of, the output map."""
-    post_op, algorithm = _ONEDNN_POST_OPS[activation.hidden_act]
+    attribute, algorithm = post_op
     return torch.ops.mkldnn._convolution_pointwise(
-        hidden_states, conv.weight, conv.bias, padding, conv.stride, conv.dilation, groups, post_op, [], algorithm
+        hidden_states, conv.weight, conv.bias, padding, conv.stride, conv.dilation, groups, attribute, [], algorithm
     )
 
 
 def _conv_act(
-    conv: nn.Conv2d, activation: nn.Module, hidden_states: torch.Tensor, groups: int, padding: tuple[int, int]
+    conv: nn.Conv2d,
+    activation: nn.Module,
+    post_op: PostOp | None,
+    hidden_states: torch.Tensor,
+    groups: int,
+    padding: tuple[int, int],
 ) -> torch.Tensor:
     """`activation(conv(hidden_states))` with `groups` and `padding` in place of the convolution's own, fused where
     that pays off."""
-    if _onednn_can_fuse(conv, activation, hidden_states):
-        return _fused_conv_act(conv, activation, hidden_states, groups, padding)
+    if _onednn_can_fuse(conv, post_op, hidden_states):
+        return _fused_conv_act(conv, post_op, hidden_states, groups, padding)
     return activation(F.conv2d(hidden_states, conv.weight, conv.bias, conv.stride, padding, conv.dilation, groups))
 
 
@@ -113,25 +131,25 @@ def _repeat_each_channel(hidden_states: torch.Tensor, repeats: int) -> torch.Ten
 
 
 def pointwise_layers(
-    fc1: nn.Conv2d, activation: nn.Module, fc2: nn.Conv2d, hidden_states: torch.Tensor
+    fc1: nn.Conv2d, post_op: PostOp | None, fc2: nn.Conv2d, hidden_states: torch.Tensor
 ) -> torch.Tensor | None:
     """`fc2(activation(fc1(hidden_states)))` for 1×1 convolutions: as oneDNN linear layers over chunks of pixels on
     large maps and over all pixels on maps with few pixels, `fc1` fused with the activation in between; None where
     none of these applies."""
-    chunk_pixels = _convffn_chunk_pixels(fc1, activation, hidden_states)
+    chunk_pixels = _convffn_chunk_pixels(fc1, post_op, hidden_states)
     if chunk_pixels is not None:
-        return _pointwise_as_linear(fc1, activation, fc2, hidden_states, chunk_pixels)
-    if _onednn_can_fuse(fc1, activation, hidden_states):
-        return fc2(_fused_conv_act(fc1, activation, hidden_states, fc1.groups, fc1.padding))
+        return _pointwise_as_linear(fc1, post_op, fc2, hidden_states, chunk_pixels)
+    if _onednn_can_fuse(fc1, post_op, hidden_states):
+        return fc2(_fused_conv_act(fc1, post_op, hidden_states, fc1.groups, fc1.padding))
     return None
 
 
-def _convffn_chunk_pixels(fc1: nn.Conv2d, activation: nn.Module, hidden_states: torch.Tensor) -> int | None:
+def _convffn_chunk_pixels(fc1: nn.Conv2d, post_op: PostOp | None, hidden_states: torch.Tensor) -> int | None:
     """How many pixels at a time the pointwise layers run as linear layers on `hidden_states`; None: as convolution
     modules, over the whole map."""
     if (
         not _HAS_ONEDNN_FUSED_LINEAR
-        or activation.hidden_act not in _ONEDNN_POST_OPS
+        or post_op is None
         or not hidden_states.is_contiguous(memory_format=torch.channels_last)
         or not _cpu_inference(hidden_states, fc1.weight)
     ):
@@ -146,7 +164,7 @@ def _convffn_chunk_pixels(fc1: nn.Conv2d, activation: nn.Module, hidden_states: 
 
 
 def _pointwise_as_linear(
-    fc1: nn.Conv2d, activation: nn.Module, fc2: nn.Conv2d, hidden_states: torch.Tensor, chunk_pixels: int
+    fc1: nn.Conv2d, post_op: PostOp, fc2: nn.Conv2d, hidden_states: torch.Tensor, chunk_pixels: int
 ) -> torch.Tensor:
     """fc1 → activation → fc2 as oneDNN linear layers over the pixels of a channels-last map, `chunk_pixels` at a
     time (pointwise layers: each pixel on its own)."""
@@ -155,11 +173,11 @@ def _pointwise_as_linear(
     output = torch.empty_like(hidden_states, memory_format=torch.channels_last)
     output_pixels = output.permute(0, 2, 3, 1).view(-1, channels)
     fc1_weight, fc2_weight = fc1.weight.flatten(1), fc2.weight.flatten(1)
-    post_op, algorithm = _ONEDNN_POST_OPS[activation.hidden_act]
+    attribute, algorithm = post_op
     linear = torch.ops.mkldnn._linear_pointwise
     for start in range(0, pixels.shape[0], chunk_pixels):
         chunk = slice(start, start + chunk_pixels)
-        hidden = linear(pixels[chunk], fc1_weight, fc1.bias, post_op, [], algorithm)
+        hidden = linear(pixels[chunk], fc1_weight, fc1.bias, attribute, [], algorithm)
         output_pixels[chunk] = linear(hidden, fc2_weight, fc2.bias, "none", [], "")
     return output
 
@@ -168,7 +186,9 @@ def _pointwise_as_linear(
 # The stem
 
 
-def stem_in_row_bands(layers: nn.Sequential, pixel_values: torch.Tensor) -> torch.Tensor | None:
+def stem_in_row_bands(
+    layers: nn.Sequential, post_op: PostOp | None, pixel_values: torch.Tensor
+) -> torch.Tensor | None:
     """The stem (`layers`: convolution + activation blocks, each with `reparam_conv` and `act`) over bands of output
     rows, each computed from the rows of the image it needs, so that the first layer's full-size output is never
     allocated; None where the first layer's output is small (see `settings.stem_banding_min_bytes`)."""
@@ -180,7 +200,8 @@ def stem_in_row_bands(layers: nn.Sequential, pixel_values: torch.Tensor) -> torc
         return None
     bands = []
     for start in range(0, heights[-1], band_rows):
-        bands.append(_stem_rows(layers, pixel_values, heights, start, min(start + band_rows, heights[-1])))
+        stop = min(start + band_rows, heights[-1])
+        bands.append(_stem_rows(layers, post_op, pixel_values, heights, start, stop))
     return torch.cat(bands, dim=2)
 
 
@@ -204,7 +225,7 @@ def _band_rows(layers: nn.Sequential, pixel_values: torch.Tensor, heights: list[
 
 
 def _stem_rows(
-    layers: nn.Sequential, pixel_values: torch.Tensor, heights: list[int], start: int, stop: int
+    layers: nn.Sequential, post_op: PostOp | None, pixel_values: torch.Tensor, heights: list[int], start: int, stop: int
 ) -> torch.Tensor:
     """Rows `start` to `stop` of the stem's output. Working back from them, each layer computes only the rows the
     next one reads, its vertical zero padding added to the band only where the band meets the map's edge."""
@@ -220,5 +241,7 @@ def _stem_rows(
         if above or below:
             hidden_states = F.pad(hidden_states, (0, 0, above, below))
         conv = layer.reparam_conv
-        hidden_states = _conv_act(conv, layer.act, hidden_states, groups=conv.groups, padding=(0, conv.padding[1]))
+        hidden_states = _conv_act(
+            conv, layer.act, post_op, hidden_states, groups=conv.groups, padding=(0, conv.padding[1])
+        )
     return hidden_states
