@@ -19,7 +19,7 @@ from transformers.utils import can_return_tuple
 
 from .compat import weight_init, without_hub_kernels_unless_asked
 from .configuration_fastvithd import FastViTHDConfig
-from .cpu.routes import CPURoutesMixin
+from .cpu.routes import CPURoutesMixin, fit_cpu_routes_after_loading
 
 
 class FastViTHDActivation(nn.Module):
@@ -277,7 +277,9 @@ class FastViTHDPreTrainedModel(PreTrainedModel):
     def from_pretrained(cls, pretrained_model_name_or_path, *model_args, **kwargs):
         r"""As `PreTrainedModel.from_pretrained`, with no Hub kernels unless `use_kernels=True` asks for them."""
         kwargs = without_hub_kernels_unless_asked(kwargs)
-        return super().from_pretrained(pretrained_model_name_or_path, *model_args, **kwargs)
+        loaded = super().from_pretrained(pretrained_model_name_or_path, *model_args, **kwargs)
+        fit_cpu_routes_after_loading(loaded[0] if isinstance(loaded, tuple) else loaded)
+        return loaded
 
     def _init_weights(self, module: nn.Module) -> None:
         std = self.config.initializer_range

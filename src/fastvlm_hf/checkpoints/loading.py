@@ -14,6 +14,7 @@ import torch
 from transformers import GenerationConfig
 
 from .. import quantization
+from ..cpu.routes import fit_cpu_routes_after_loading
 from ..compat import (
     PretrainedConfig,
     complete_disk_offload,
@@ -76,6 +77,7 @@ class CheckpointLoadingMixin:
         quantization.keep_standard_4bit_layout(model)
         quantization.say_8bit_casts_once(model)
         complete_disk_offload(model, cls._tied_weight_sources)
+        fit_cpu_routes_after_loading(model)
         return loaded
 
     def save_pretrained(self, save_directory, *args, **kwargs):

@@ -103,6 +103,14 @@ def fit_cpu_routes(encoder: nn.Module) -> None:
         remove_cpu_routes(encoder)
 
 
+def fit_cpu_routes_after_loading(model: nn.Module) -> None:
+    """Decides again for every encoder in `model` once `from_pretrained` has placed the weights: a `device_map` puts
+    them on their device without moving the model, so `_apply` never sees it."""
+    for module in model.modules():
+        if isinstance(module, CPURoutesMixin):
+            fit_cpu_routes(module)
+
+
 class CPURoutesMixin:
     """For `FastViTHDModel`: its blocks take the CPU routes, decided when it is built and whenever it is moved or cast."""
 
