@@ -41,7 +41,6 @@ import numpy as np
 import torch
 from common import (
     DTYPES,
-    REPO,
     add_common_arguments,
     configure_torch,
     describe_machine,
@@ -195,7 +194,7 @@ def run_transformers(directory: Path, prompt: str, images, args: argparse.Namesp
 
 def run_vllm(directory: Path, prompt: str, images, args: argparse.Namespace) -> dict[str, Any]:
     if _torchvision_shim.APPLIED:  # vLLM's processes import torchvision too: the shim runs in them as `sitecustomize`
-        shim = str(REPO / "tests" / "torchvision_shim")
+        shim = str(_torchvision_shim.SHIM_DIR)
         os.environ["PYTHONPATH"] = os.pathsep.join(filter(None, [shim, os.environ.get("PYTHONPATH")]))
     from vllm import AsyncEngineArgs, SamplingParams
     from vllm.v1.engine.async_llm import AsyncLLM
