@@ -1,5 +1,6 @@
 """What the benchmarks share: interleaved timing, statistics, FLOP counting, matmul throughput, memory, the machine's
-description and the JSON + Markdown output."""
+description and the JSON + Markdown output (statistics, Markdown tables and device synchronization from
+`fastvlm_hf.stats`)."""
 
 from __future__ import annotations
 
@@ -10,7 +11,6 @@ import datetime
 import json
 import os
 import platform
-import statistics
 import subprocess
 import sys
 import time
@@ -21,6 +21,8 @@ from typing import Any
 
 import torch
 from torch.utils.flop_counter import FlopCounterMode
+
+from fastvlm_hf.stats import markdown_table, summarize, synchronize  # noqa: F401  (markdown_table: for the scripts)
 
 REPO = Path(__file__).resolve().parents[1]
 DTYPES = {"fp32": torch.float32, "bf16": torch.bfloat16, "fp16": torch.float16}
@@ -73,11 +75,6 @@ def configure_torch(args: argparse.Namespace) -> None:
 # Timing
 
 
-def synchronize(device: str) -> None:
-    if device == "cuda":
-        torch.cuda.synchronize()
-
-
 def timed(fn: Callable[..., Any], device: str, *args: Any) -> tuple[float, Any]:
     """Wall-clock seconds of `fn(*args)`, with the device drained before and after, and its result."""
     synchronize(device)
@@ -96,7 +93,7 @@ class Stats:
 
     @classmethod
     def of(cls, samples: list[float]) -> Stats:
-        return cls(statistics.median(samples), min(samples), max(samples), len(samples))
+        return cls(*summarize(samples), len(samples))
 
     def ms(self, digits: int = 1) -> str:
         """'median (min–max)' in milliseconds."""
@@ -403,12 +400,6 @@ def machine_line(machine: dict[str, Any]) -> str:
 
 # ----------------------------------------------------------------------------------------------------------------------
 # Output
-
-
-def markdown_table(headers: list[str], rows: list[list[Any]]) -> str:
-    lines = ["| " + " | ".join(headers) + " |", "|" + "|".join("---" for _ in headers) + "|"]
-    lines += ["| " + " | ".join(str(cell) for cell in row) + " |" for row in rows]
-    return "\n".join(lines)
 
 
 def write_results(path: Path | None, results: dict[str, Any], markdown: str) -> None:

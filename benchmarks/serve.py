@@ -48,6 +48,7 @@ from common import (
     machine_line,
     markdown_table,
     parse_list,
+    synchronize,
     write_results,
 )
 from PIL import Image
@@ -146,8 +147,7 @@ class TransformersServer:
         ).to(self.args.device)
         clock = TokenClock()
         self.model.generate(**inputs, streamer=clock, **self.generate_kwargs)
-        if self.args.device == "cuda":
-            torch.cuda.synchronize()
+        synchronize(self.args.device)
         return clock.token_times
 
     def serve(self, batch_size: int) -> list[dict[str, float]]:
