@@ -27,18 +27,6 @@ from fastvlm_hf.stats import markdown_table, summarize, synchronize  # noqa: F40
 REPO = Path(__file__).resolve().parents[1]
 DTYPES = {"fp32": torch.float32, "bf16": torch.bfloat16, "fp16": torch.float16}
 
-# The language models of FastVLM-0.5B, -1.5B and -7B: Qwen2-0.5B, -1.5B and -7B (random weights, real shapes).
-QWEN2_COMMON = {"model_type": "qwen2", "rope_theta": 1000000.0, "rms_norm_eps": 1e-6, "max_position_embeddings": 32768}
-QWEN2_SIZES = {
-    "0.5b": {"hidden_size": 896, "num_hidden_layers": 24, "num_attention_heads": 14, "num_key_value_heads": 2,
-             "intermediate_size": 4864, "vocab_size": 151936, "tie_word_embeddings": True},
-    "1.5b": {"hidden_size": 1536, "num_hidden_layers": 28, "num_attention_heads": 12, "num_key_value_heads": 2,
-             "intermediate_size": 8960, "vocab_size": 151936, "tie_word_embeddings": True},
-    "7b": {"hidden_size": 3584, "num_hidden_layers": 28, "num_attention_heads": 28, "num_key_value_heads": 4,
-           "intermediate_size": 18944, "vocab_size": 152064, "tie_word_embeddings": False},
-}  # fmt: skip
-
-
 # ----------------------------------------------------------------------------------------------------------------------
 # Command line
 
@@ -291,40 +279,6 @@ def peak_cell(memory: dict[str, Any] | None) -> str:
     if not memory or memory["peak_bytes"] is None:
         return "n/a"
     return f"{gib(memory['peak_bytes'])} (+{gib(memory['peak_bytes'] - memory['baseline_bytes'])})"
-
-
-# ----------------------------------------------------------------------------------------------------------------------
-# Random FastViTHD weights
-
-
-def give_fastvithd_working_weights(model: torch.nn.Module, seed: int = 0) -> None:
-    """Random weights at a scale that carries the image's signal through all five stages, and BatchNorm statistics,
-    norms and layer scales away from their initial values: no branch is switched off and no activation dies out
-    (denormal floats would slow a CPU down and misrepresent real weights)."""
-    generator = torch.Generator().manual_seed(seed)
-
-    def draw(shape, low=None, high=None, std=None):
-        if std is not None:
-            return torch.randn(shape, generator=generator) * std
-        return torch.rand(shape, generator=generator) * (high - low) + low
-
-    with torch.no_grad():
-        for name, tensor in model.state_dict().items():
-            if not tensor.is_floating_point():
-                continue
-            if name.endswith("running_mean"):
-                value = draw(tensor.shape, std=0.1)
-            elif name.endswith("running_var"):
-                value = draw(tensor.shape, 0.5, 1.5)
-            elif name.endswith("gamma"):  # layer scales
-                value = draw(tensor.shape, 0.05, 0.25)
-            elif tensor.dim() >= 2:  # convolution and linear weights, He-scaled for GELU
-                value = draw(tensor.shape, std=tensor[0].numel() ** -0.5)
-            elif name.endswith("weight"):  # BatchNorm and LayerNorm scales
-                value = draw(tensor.shape, 0.5, 1.5)
-            else:  # biases
-                value = draw(tensor.shape, std=0.02)
-            tensor.copy_(value)
 
 
 def relative_error(actual: torch.Tensor, expected: torch.Tensor) -> float:

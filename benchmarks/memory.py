@@ -22,27 +22,18 @@ import tempfile
 import time
 from pathlib import Path
 
+import _torchvision_shim  # noqa: F401  (first: before anything imports torchvision)
 import torch
-from common import QWEN2_COMMON, QWEN2_SIZES
+from models import fastvlm_config
 
 GIB = 1024**3
 MODES = ("bf16", "int8", "nf4")
-QWEN2 = {size.upper(): dims for size, dims in QWEN2_SIZES.items()}  # "0.5B", "1.5B", "7B"
 MEASURED_SIZES = ("0.5B", "1.5B")
 PROMPT_TEXT_TOKENS = 32
 NEW_TOKENS = 8
 # Bytes per weight of a quantized Linear as `get_memory_footprint` counts them (the packed weights; the per-block
 # scales live outside the module's parameters and buffers).
 WEIGHT_BYTES = {"bf16": 2.0, "int8": 1.0, "nf4": 0.5}
-
-
-def fastvlm_config(size: str, num_hidden_layers: int | None = None):
-    from fastvlm_hf import FastVLMConfig
-
-    text = {**QWEN2_COMMON, **QWEN2[size]}
-    if num_hidden_layers is not None:
-        text["num_hidden_layers"] = num_hidden_layers
-    return FastVLMConfig(text_config=text)
 
 
 def quantization_config(mode: str):
@@ -184,7 +175,7 @@ def measured_7b_layer_bytes(workdir: Path) -> dict[str, int]:
     directories = {}
     for layers in (1, 2):
         directories[layers] = workdir / f"7B-{layers}-layers"
-        save_random_model(fastvlm_config("7B", num_hidden_layers=layers), directories[layers])
+        save_random_model(fastvlm_config("7b", layers), directories[layers])
     measured = {}
     for mode in MODES:
         footprints = {}
@@ -262,7 +253,7 @@ def main(argv=None) -> None:
         workdir = Path(tmp)
         for size in args.sizes:
             directory = workdir / size
-            save_random_model(fastvlm_config(size), directory)
+            save_random_model(fastvlm_config(size.lower()), directory)
             results["measured"][size] = {}
             for mode in MODES:
                 results["measured"][size][mode] = row = run_worker(directory, mode)
@@ -271,7 +262,7 @@ def main(argv=None) -> None:
                 child.unlink()
         measured_layer = measured_7b_layer_bytes(workdir)
 
-    counts = parameter_counts(fastvlm_config("7B"))
+    counts = parameter_counts(fastvlm_config("7b"))
     for mode in MODES:
         results["computed_7b"][mode] = {
             "footprint_bytes": computed_footprint(counts, mode),
@@ -281,7 +272,7 @@ def main(argv=None) -> None:
     results["parameters_7b"] = counts
     first = results["measured"][args.sizes[0]]["bf16"]
     results["device"] = "CUDA" if first["device"] == "cuda" else "CPU"
-    config = fastvlm_config("0.5B")
+    config = fastvlm_config("0.5b")
     results["image_side"] = config.vision_config.image_size
     results["image_tokens"] = config.num_image_tokens
 

@@ -52,7 +52,7 @@ from common import (
     write_results,
 )
 from PIL import Image
-from ttft import PROMPT, SIZES, build_ours, build_tokenizer, fastvlm_config, generation_kwargs
+from models import PROMPT, SIZES, build_ours, build_tokenizer, fastvlm_config, generation_kwargs
 
 from fastvlm_hf import FastVLMForConditionalGeneration, FastVLMImageProcessor, FastVLMProcessor
 from fastvlm_hf.stats import TokenClock
@@ -307,7 +307,7 @@ def main(argv: list[str] | None = None) -> None:
     for size in args.sizes:
         with tempfile.TemporaryDirectory(prefix=f"fastvlm-{size}-") as directory:
             log(f"FastVLM-{size}: random weights saved to {directory}")
-            model = build_ours(fastvlm_config(size, tokenizer, args.resolution, args.layers), DTYPES[args.dtype], "cpu", args.seed)
+            model = build_ours(fastvlm_config(size, args.layers, args.resolution, tokenizer), DTYPES[args.dtype], "cpu", args.seed)
             model.save_pretrained(directory)
             processor.save_pretrained(directory)
             del model
