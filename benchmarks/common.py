@@ -215,6 +215,11 @@ def process_status_bytes(field: str) -> int | None:
     return None
 
 
+def memory_in_use_bytes(device: str) -> int | None:
+    """CUDA: the tensor memory allocated now. CPU: the process's resident set now (Linux), or None elsewhere."""
+    return torch.cuda.memory_allocated() if device == "cuda" else process_status_bytes("VmRSS")
+
+
 def peak_memory_bytes(device: str) -> int | None:
     """CUDA: the peak of allocated tensor memory since the last reset. CPU: the process's resident set high-water mark
     (it never goes down, so measure one model per process)."""

@@ -24,6 +24,7 @@ from pathlib import Path
 
 import _torchvision_shim  # noqa: F401  (first: before anything imports torchvision)
 import torch
+from common import memory_in_use_bytes, peak_memory_bytes, reset_peak_memory
 from models import fastvlm_config
 
 GIB = 1024**3
@@ -68,41 +69,12 @@ def load(directory: Path, mode: str, device_map):
 # Peak memory, in a fresh process
 
 
-def _proc_status_kib(field: str) -> int:
-    for line in Path("/proc/self/status").read_text().splitlines():
-        if line.startswith(field + ":"):
-            return int(line.split()[1])
-    raise RuntimeError(f"no {field} in /proc/self/status")
-
-
-class PeakMemory:
-    """Peak memory above the level at `start()`: CUDA allocations, or the resident set on CPU (Linux)."""
-
-    def __init__(self, cuda: bool):
-        self.cuda = cuda
-
-    def start(self) -> None:
-        if self.cuda:
-            torch.cuda.synchronize()
-            torch.cuda.reset_peak_memory_stats()
-            self.base = torch.cuda.memory_allocated()
-        else:
-            Path("/proc/self/clear_refs").write_text("5")  # resets VmHWM to the current resident set
-            self.base = _proc_status_kib("VmRSS") * 1024
-
-    def peak(self) -> int:
-        if self.cuda:
-            torch.cuda.synchronize()
-            return torch.cuda.max_memory_allocated() - self.base
-        return _proc_status_kib("VmHWM") * 1024 - self.base
-
-
 def worker(directory: Path, mode: str) -> dict:
-    cuda = torch.cuda.is_available()
-    meter = PeakMemory(cuda)
-    meter.start()
+    device = "cuda" if torch.cuda.is_available() else "cpu"
+    baseline = memory_in_use_bytes(device)
+    reset_peak_memory(device)
     started = time.perf_counter()
-    model = load(directory, mode, device_map="cuda" if cuda else "cpu")
+    model = load(directory, mode, device_map=device)
     load_seconds = time.perf_counter() - started
     footprint = model.get_memory_footprint()
 
@@ -118,10 +90,10 @@ def worker(directory: Path, mode: str) -> dict:
         model.generate(input_ids=input_ids, pixel_values=pixel_values, max_new_tokens=NEW_TOKENS, do_sample=False)
     return {
         "footprint_bytes": footprint,
-        "peak_bytes": meter.peak(),
+        "peak_bytes": peak_memory_bytes(device) - baseline,
         "load_seconds": round(load_seconds, 1),
         "generate_seconds": round(time.perf_counter() - started, 1),
-        "device": "cuda" if cuda else "cpu",
+        "device": device,
         "prompt_tokens": input_ids.shape[1],
         "new_tokens": NEW_TOKENS,
     }
