@@ -23,6 +23,12 @@ import torch
 from torch.utils.flop_counter import FlopCounterMode
 
 from fastvlm_hf.stats import markdown_table, summarize, synchronize  # noqa: F401  (markdown_table: for the scripts)
+from process_memory import (  # noqa: F401  (memory_in_use_bytes, process_status_bytes: for the scripts)
+    memory_in_use_bytes,
+    peak_memory_bytes,
+    process_status_bytes,
+    reset_peak_memory,
+)
 
 REPO = Path(__file__).resolve().parents[1]
 DTYPES = {"fp32": torch.float32, "bf16": torch.bfloat16, "fp16": torch.float16}
@@ -195,45 +201,6 @@ def matmul_flops_per_second(dtype: torch.dtype, device: str, size: int | None = 
 
 # ----------------------------------------------------------------------------------------------------------------------
 # Memory
-
-
-def reset_peak_memory(device: str) -> None:
-    if device == "cuda":
-        torch.cuda.empty_cache()
-        torch.cuda.reset_peak_memory_stats()
-
-
-def process_status_bytes(field: str) -> int | None:
-    """A memory figure of this process from Linux's /proc/self/status ("VmRSS", "VmHWM"), or None elsewhere."""
-    try:
-        with open("/proc/self/status", encoding="utf-8") as status:
-            for line in status:
-                if line.startswith(f"{field}:"):
-                    return int(line.split()[1]) * 1024
-    except OSError:
-        pass
-    return None
-
-
-def memory_in_use_bytes(device: str) -> int | None:
-    """CUDA: the tensor memory allocated now. CPU: the process's resident set now (Linux), or None elsewhere."""
-    return torch.cuda.memory_allocated() if device == "cuda" else process_status_bytes("VmRSS")
-
-
-def peak_memory_bytes(device: str) -> int | None:
-    """CUDA: the peak of allocated tensor memory since the last reset. CPU: the process's resident set high-water mark
-    (it never goes down, so measure one model per process)."""
-    if device == "cuda":
-        return torch.cuda.max_memory_allocated()
-    peak = process_status_bytes("VmHWM")  # getrusage's ru_maxrss would start from the parent's peak in a child process
-    if peak is not None:
-        return peak
-    try:
-        import resource
-    except ImportError:  # Windows
-        return None
-    peak = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss
-    return peak if sys.platform == "darwin" else peak * 1024  # bytes on macOS, KiB elsewhere
 
 
 @contextlib.contextmanager

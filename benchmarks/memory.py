@@ -24,8 +24,7 @@ from pathlib import Path
 
 import _torchvision_shim  # noqa: F401  (first: before anything imports torchvision)
 import torch
-from common import memory_in_use_bytes, peak_memory_bytes, reset_peak_memory
-from models import fastvlm_config
+from process_memory import memory_in_use_bytes, peak_memory_bytes, reset_peak_memory
 
 GIB = 1024**3
 MODES = ("bf16", "int8", "nf4")
@@ -142,7 +141,7 @@ def computed_layer_bytes(counts: dict[str, int], mode: str) -> float:
 
 def measured_7b_layer_bytes(workdir: Path) -> dict[str, int]:
     """Footprint of one 7B decoder layer, per mode: a 2-layer minus a 1-layer 7B-shaped model, both loaded."""
-    from fastvlm_hf import FastVLMForConditionalGeneration  # noqa: F401
+    from models import fastvlm_config
 
     directories = {}
     for layers in (1, 2):
@@ -218,6 +217,7 @@ def main(argv=None) -> None:
         print(table)
         return
 
+    from models import fastvlm_config  # not before: the worker reads its memory before importing transformers
     from transformers import __version__ as transformers_version
 
     results = {"measured": {}, "computed_7b": {}, "transformers": transformers_version, "torch": torch.__version__}
