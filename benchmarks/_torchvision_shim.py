@@ -1,25 +1,17 @@
-"""Lets PyPI's torchvision import on a CPU-only torch; import this before anything imports torchvision.
+"""Runs the repository's torchvision shim (`tests/torchvision_shim/sitecustomize.py`) in this process: import this
+before anything imports torchvision.
 
-The `bench` extra's timm pulls torchvision from PyPI, a CUDA build whose `_C` extension cannot load on torch's CPU
-wheel; its import then fails (`operator torchvision::nms does not exist`) and takes timm and transformers' image code
-with it. Declaring the two op schemas that `_C` would have registered lets it import. Its C++ ops stay unusable, and
-nothing here needs them. Does nothing without torchvision, or with one whose `_C` loads.
+The `bench` extra's timm pulls PyPI's torchvision, a CUDA build that does not import on torch's CPU wheel without the
+shim. `APPLIED` says whether it had to step in; `SHIM_DIR` is the folder to put on a child process's `PYTHONPATH`,
+where Python runs the shim at start-up as `sitecustomize`.
 """
 
-import glob
 import importlib.util
-import os
+from pathlib import Path
 
-APPLIED = False
-_spec = importlib.util.find_spec("torchvision")
-if _spec is not None and _spec.submodule_search_locations:
-    import torch
+SHIM_DIR = Path(__file__).resolve().parents[1] / "tests" / "torchvision_shim"
 
-    try:
-        torch.ops.load_library(glob.glob(os.path.join(next(iter(_spec.submodule_search_locations)), "_C*.so"))[0])
-    except (OSError, IndexError):
-        if not hasattr(torch.ops.torchvision, "nms"):  # not defined by an earlier run in this process
-            _library = torch.library.Library("torchvision", "DEF")  # the schemas live as long as this object
-            _library.define("nms(Tensor dets, Tensor scores, float iou_threshold) -> Tensor")
-            _library.define("qnms(Tensor dets, Tensor scores, float iou_threshold) -> Tensor")
-        APPLIED = True
+_spec = importlib.util.spec_from_file_location("torchvision_shim", SHIM_DIR / "sitecustomize.py")
+_shim = importlib.util.module_from_spec(_spec)
+_spec.loader.exec_module(_shim)
+APPLIED = _shim.APPLIED

@@ -1,5 +1,6 @@
 """What the benchmarks share: interleaved timing, statistics, FLOP counting, matmul throughput, memory, the machine's
-description and the JSON + Markdown output."""
+description and the JSON + Markdown output (statistics, Markdown tables and device synchronization from
+`fastvlm_hf.stats`)."""
 
 from __future__ import annotations
 
@@ -10,7 +11,6 @@ import datetime
 import json
 import os
 import platform
-import statistics
 import subprocess
 import sys
 import time
@@ -22,20 +22,16 @@ from typing import Any
 import torch
 from torch.utils.flop_counter import FlopCounterMode
 
+from fastvlm_hf.stats import markdown_table, summarize, synchronize  # noqa: F401  (markdown_table: for the scripts)
+from process_memory import (  # noqa: F401  (memory_in_use_bytes, process_status_bytes: for the scripts)
+    memory_in_use_bytes,
+    peak_memory_bytes,
+    process_status_bytes,
+    reset_peak_memory,
+)
+
 REPO = Path(__file__).resolve().parents[1]
 DTYPES = {"fp32": torch.float32, "bf16": torch.bfloat16, "fp16": torch.float16}
-
-# The language models of FastVLM-0.5B, -1.5B and -7B: Qwen2-0.5B, -1.5B and -7B (random weights, real shapes).
-QWEN2_COMMON = {"model_type": "qwen2", "rope_theta": 1000000.0, "rms_norm_eps": 1e-6, "max_position_embeddings": 32768}
-QWEN2_SIZES = {
-    "0.5b": {"hidden_size": 896, "num_hidden_layers": 24, "num_attention_heads": 14, "num_key_value_heads": 2,
-             "intermediate_size": 4864, "vocab_size": 151936, "tie_word_embeddings": True},
-    "1.5b": {"hidden_size": 1536, "num_hidden_layers": 28, "num_attention_heads": 12, "num_key_value_heads": 2,
-             "intermediate_size": 8960, "vocab_size": 151936, "tie_word_embeddings": True},
-    "7b": {"hidden_size": 3584, "num_hidden_layers": 28, "num_attention_heads": 28, "num_key_value_heads": 4,
-           "intermediate_size": 18944, "vocab_size": 152064, "tie_word_embeddings": False},
-}  # fmt: skip
-
 
 # ----------------------------------------------------------------------------------------------------------------------
 # Command line
@@ -73,11 +69,6 @@ def configure_torch(args: argparse.Namespace) -> None:
 # Timing
 
 
-def synchronize(device: str) -> None:
-    if device == "cuda":
-        torch.cuda.synchronize()
-
-
 def timed(fn: Callable[..., Any], device: str, *args: Any) -> tuple[float, Any]:
     """Wall-clock seconds of `fn(*args)`, with the device drained before and after, and its result."""
     synchronize(device)
@@ -96,7 +87,7 @@ class Stats:
 
     @classmethod
     def of(cls, samples: list[float]) -> Stats:
-        return cls(statistics.median(samples), min(samples), max(samples), len(samples))
+        return cls(*summarize(samples), len(samples))
 
     def ms(self, digits: int = 1) -> str:
         """'median (min–max)' in milliseconds."""
@@ -212,40 +203,6 @@ def matmul_flops_per_second(dtype: torch.dtype, device: str, size: int | None = 
 # Memory
 
 
-def reset_peak_memory(device: str) -> None:
-    if device == "cuda":
-        torch.cuda.empty_cache()
-        torch.cuda.reset_peak_memory_stats()
-
-
-def process_status_bytes(field: str) -> int | None:
-    """A memory figure of this process from Linux's /proc/self/status ("VmRSS", "VmHWM"), or None elsewhere."""
-    try:
-        with open("/proc/self/status", encoding="utf-8") as status:
-            for line in status:
-                if line.startswith(f"{field}:"):
-                    return int(line.split()[1]) * 1024
-    except OSError:
-        pass
-    return None
-
-
-def peak_memory_bytes(device: str) -> int | None:
-    """CUDA: the peak of allocated tensor memory since the last reset. CPU: the process's resident set high-water mark
-    (it never goes down, so measure one model per process)."""
-    if device == "cuda":
-        return torch.cuda.max_memory_allocated()
-    peak = process_status_bytes("VmHWM")  # getrusage's ru_maxrss would start from the parent's peak in a child process
-    if peak is not None:
-        return peak
-    try:
-        import resource
-    except ImportError:  # Windows
-        return None
-    peak = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss
-    return peak if sys.platform == "darwin" else peak * 1024  # bytes on macOS, KiB elsewhere
-
-
 @contextlib.contextmanager
 def default_dtype(dtype: torch.dtype):
     """Modules built inside get their parameters in `dtype` directly, as `from_pretrained(dtype=...)` loads them,
@@ -294,40 +251,6 @@ def peak_cell(memory: dict[str, Any] | None) -> str:
     if not memory or memory["peak_bytes"] is None:
         return "n/a"
     return f"{gib(memory['peak_bytes'])} (+{gib(memory['peak_bytes'] - memory['baseline_bytes'])})"
-
-
-# ----------------------------------------------------------------------------------------------------------------------
-# Random FastViTHD weights
-
-
-def give_fastvithd_working_weights(model: torch.nn.Module, seed: int = 0) -> None:
-    """Random weights at a scale that carries the image's signal through all five stages, and BatchNorm statistics,
-    norms and layer scales away from their initial values: no branch is switched off and no activation dies out
-    (denormal floats would slow a CPU down and misrepresent real weights)."""
-    generator = torch.Generator().manual_seed(seed)
-
-    def draw(shape, low=None, high=None, std=None):
-        if std is not None:
-            return torch.randn(shape, generator=generator) * std
-        return torch.rand(shape, generator=generator) * (high - low) + low
-
-    with torch.no_grad():
-        for name, tensor in model.state_dict().items():
-            if not tensor.is_floating_point():
-                continue
-            if name.endswith("running_mean"):
-                value = draw(tensor.shape, std=0.1)
-            elif name.endswith("running_var"):
-                value = draw(tensor.shape, 0.5, 1.5)
-            elif name.endswith("gamma"):  # layer scales
-                value = draw(tensor.shape, 0.05, 0.25)
-            elif tensor.dim() >= 2:  # convolution and linear weights, He-scaled for GELU
-                value = draw(tensor.shape, std=tensor[0].numel() ** -0.5)
-            elif name.endswith("weight"):  # BatchNorm and LayerNorm scales
-                value = draw(tensor.shape, 0.5, 1.5)
-            else:  # biases
-                value = draw(tensor.shape, std=0.02)
-            tensor.copy_(value)
 
 
 def relative_error(actual: torch.Tensor, expected: torch.Tensor) -> float:
@@ -403,12 +326,6 @@ def machine_line(machine: dict[str, Any]) -> str:
 
 # ----------------------------------------------------------------------------------------------------------------------
 # Output
-
-
-def markdown_table(headers: list[str], rows: list[list[Any]]) -> str:
-    lines = ["| " + " | ".join(headers) + " |", "|" + "|".join("---" for _ in headers) + "|"]
-    lines += ["| " + " | ".join(str(cell) for cell in row) + " |" for row in rows]
-    return "\n".join(lines)
 
 
 def write_results(path: Path | None, results: dict[str, Any], markdown: str) -> None:

@@ -27,14 +27,10 @@ import _torchvision_shim  # noqa: F401  (first: before anything imports torchvis
 import torch
 from common import (
     DTYPES,
-    QWEN2_COMMON,
-    QWEN2_SIZES,
     add_common_arguments,
     configure_torch,
-    default_dtype,
     describe_machine,
     gib,
-    give_fastvithd_working_weights,
     log,
     machine_line,
     markdown_table,
@@ -44,39 +40,21 @@ from common import (
     synchronize,
     write_results,
 )
+from models import build_native, build_ours, fastvlm_config
 
 LORA_TARGETS = ["q_proj", "k_proj", "v_proj", "o_proj", "gate_proj", "up_proj", "down_proj"]
 TEXT_TOKENS = 64
 SIDES = ("ours", "native")
 
 
-def fastvlm_config(size: str, layers: int | None):
-    from fastvlm_hf import FastVLMConfig
-
-    text = {**QWEN2_COMMON, **QWEN2_SIZES[size]}
-    if layers is not None:
-        text["num_hidden_layers"] = layers
-    return FastVLMConfig(text_config=text)
-
-
-def build(side: str, config, dtype: torch.dtype, device: str, load_in_4bit: bool) -> torch.nn.Module:
-    import transformers
-
-    from fastvlm_hf import FastVLMForConditionalGeneration, checkpoints
+def build(side: str, config, dtype: torch.dtype, device: str, load_in_4bit: bool, seed: int) -> torch.nn.Module:
     from fastvlm_hf.training import prepare_model_for_training
 
-    with default_dtype(dtype):
-        ours = FastVLMForConditionalGeneration(config)
-    give_fastvithd_working_weights(ours.model.vision_tower)
-    ours = ours.to(dtype)
+    ours = build_ours(config, dtype, "cpu", seed)
     if side == "ours":
         model = _quantized(ours, dtype, device) if load_in_4bit else ours.to(device)
         return prepare_model_for_training(model)
-    native_config = transformers.FastVlmConfig(**checkpoints.transformers_config_kwargs(config))
-    with default_dtype(dtype):
-        native = transformers.FastVlmForConditionalGeneration(native_config)
-    native.load_state_dict(checkpoints.from_fastvlm_state_dict(ours.state_dict(), checkpoints.TRANSFORMERS))
-    return native.to(device)
+    return build_native(config, dtype, "cpu", ours).to(device)
 
 
 def _quantized(model, dtype: torch.dtype, device: str):
@@ -113,7 +91,7 @@ def run_one(args: argparse.Namespace) -> dict:
     configure_torch(args)
     dtype, checkpointing = DTYPES[args.dtype], args.one[1] == "checkpointing"
     config = fastvlm_config(args.sizes[0], args.layers)
-    model = build(args.one[0], config, dtype, args.device, args.load_in_4bit)
+    model = build(args.one[0], config, dtype, args.device, args.load_in_4bit, args.seed)
     if checkpointing:
         model.gradient_checkpointing_enable(gradient_checkpointing_kwargs={"use_reentrant": False})
     lora = LoraConfig(r=16, lora_alpha=32, lora_dropout=0.05, target_modules=LORA_TARGETS, task_type="CAUSAL_LM")

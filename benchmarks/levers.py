@@ -23,13 +23,10 @@ import _torchvision_shim  # noqa: F401  (first: before anything imports torchvis
 import torch
 from common import (
     DTYPES,
-    QWEN2_COMMON,
-    QWEN2_SIZES,
     Stats,
     add_common_arguments,
     configure_torch,
     describe_machine,
-    give_fastvithd_working_weights,
     interleave,
     log,
     machine_line,
@@ -39,6 +36,7 @@ from common import (
     relative_error,
     write_results,
 )
+from models import QWEN2_COMMON, QWEN2_SIZES, give_fastvithd_working_weights
 
 from transformers import DynamicCache
 

@@ -22,27 +22,18 @@ import tempfile
 import time
 from pathlib import Path
 
+import _torchvision_shim  # noqa: F401  (first: before anything imports torchvision)
 import torch
-from common import QWEN2_COMMON, QWEN2_SIZES
+from process_memory import memory_in_use_bytes, peak_memory_bytes, reset_peak_memory
 
 GIB = 1024**3
 MODES = ("bf16", "int8", "nf4")
-QWEN2 = {size.upper(): dims for size, dims in QWEN2_SIZES.items()}  # "0.5B", "1.5B", "7B"
 MEASURED_SIZES = ("0.5B", "1.5B")
 PROMPT_TEXT_TOKENS = 32
 NEW_TOKENS = 8
 # Bytes per weight of a quantized Linear as `get_memory_footprint` counts them (the packed weights; the per-block
 # scales live outside the module's parameters and buffers).
 WEIGHT_BYTES = {"bf16": 2.0, "int8": 1.0, "nf4": 0.5}
-
-
-def fastvlm_config(size: str, num_hidden_layers: int | None = None):
-    from fastvlm_hf import FastVLMConfig
-
-    text = {**QWEN2_COMMON, **QWEN2[size]}
-    if num_hidden_layers is not None:
-        text["num_hidden_layers"] = num_hidden_layers
-    return FastVLMConfig(text_config=text)
 
 
 def quantization_config(mode: str):
@@ -77,41 +68,12 @@ def load(directory: Path, mode: str, device_map):
 # Peak memory, in a fresh process
 
 
-def _proc_status_kib(field: str) -> int:
-    for line in Path("/proc/self/status").read_text().splitlines():
-        if line.startswith(field + ":"):
-            return int(line.split()[1])
-    raise RuntimeError(f"no {field} in /proc/self/status")
-
-
-class PeakMemory:
-    """Peak memory above the level at `start()`: CUDA allocations, or the resident set on CPU (Linux)."""
-
-    def __init__(self, cuda: bool):
-        self.cuda = cuda
-
-    def start(self) -> None:
-        if self.cuda:
-            torch.cuda.synchronize()
-            torch.cuda.reset_peak_memory_stats()
-            self.base = torch.cuda.memory_allocated()
-        else:
-            Path("/proc/self/clear_refs").write_text("5")  # resets VmHWM to the current resident set
-            self.base = _proc_status_kib("VmRSS") * 1024
-
-    def peak(self) -> int:
-        if self.cuda:
-            torch.cuda.synchronize()
-            return torch.cuda.max_memory_allocated() - self.base
-        return _proc_status_kib("VmHWM") * 1024 - self.base
-
-
 def worker(directory: Path, mode: str) -> dict:
-    cuda = torch.cuda.is_available()
-    meter = PeakMemory(cuda)
-    meter.start()
+    device = "cuda" if torch.cuda.is_available() else "cpu"
+    baseline = memory_in_use_bytes(device)
+    reset_peak_memory(device)
     started = time.perf_counter()
-    model = load(directory, mode, device_map="cuda" if cuda else "cpu")
+    model = load(directory, mode, device_map=device)
     load_seconds = time.perf_counter() - started
     footprint = model.get_memory_footprint()
 
@@ -127,10 +89,10 @@ def worker(directory: Path, mode: str) -> dict:
         model.generate(input_ids=input_ids, pixel_values=pixel_values, max_new_tokens=NEW_TOKENS, do_sample=False)
     return {
         "footprint_bytes": footprint,
-        "peak_bytes": meter.peak(),
+        "peak_bytes": peak_memory_bytes(device) - baseline,
         "load_seconds": round(load_seconds, 1),
         "generate_seconds": round(time.perf_counter() - started, 1),
-        "device": "cuda" if cuda else "cpu",
+        "device": device,
         "prompt_tokens": input_ids.shape[1],
         "new_tokens": NEW_TOKENS,
     }
@@ -179,12 +141,12 @@ def computed_layer_bytes(counts: dict[str, int], mode: str) -> float:
 
 def measured_7b_layer_bytes(workdir: Path) -> dict[str, int]:
     """Footprint of one 7B decoder layer, per mode: a 2-layer minus a 1-layer 7B-shaped model, both loaded."""
-    from fastvlm_hf import FastVLMForConditionalGeneration  # noqa: F401
+    from models import fastvlm_config
 
     directories = {}
     for layers in (1, 2):
         directories[layers] = workdir / f"7B-{layers}-layers"
-        save_random_model(fastvlm_config("7B", num_hidden_layers=layers), directories[layers])
+        save_random_model(fastvlm_config("7b", layers), directories[layers])
     measured = {}
     for mode in MODES:
         footprints = {}
@@ -255,6 +217,7 @@ def main(argv=None) -> None:
         print(table)
         return
 
+    from models import fastvlm_config  # not before: the worker reads its memory before importing transformers
     from transformers import __version__ as transformers_version
 
     results = {"measured": {}, "computed_7b": {}, "transformers": transformers_version, "torch": torch.__version__}
@@ -262,7 +225,7 @@ def main(argv=None) -> None:
         workdir = Path(tmp)
         for size in args.sizes:
             directory = workdir / size
-            save_random_model(fastvlm_config(size), directory)
+            save_random_model(fastvlm_config(size.lower()), directory)
             results["measured"][size] = {}
             for mode in MODES:
                 results["measured"][size][mode] = row = run_worker(directory, mode)
@@ -271,7 +234,7 @@ def main(argv=None) -> None:
                 child.unlink()
         measured_layer = measured_7b_layer_bytes(workdir)
 
-    counts = parameter_counts(fastvlm_config("7B"))
+    counts = parameter_counts(fastvlm_config("7b"))
     for mode in MODES:
         results["computed_7b"][mode] = {
             "footprint_bytes": computed_footprint(counts, mode),
@@ -281,7 +244,7 @@ def main(argv=None) -> None:
     results["parameters_7b"] = counts
     first = results["measured"][args.sizes[0]]["bf16"]
     results["device"] = "CUDA" if first["device"] == "cuda" else "CPU"
-    config = fastvlm_config("0.5B")
+    config = fastvlm_config("0.5b")
     results["image_side"] = config.vision_config.image_size
     results["image_tokens"] = config.num_image_tokens
 

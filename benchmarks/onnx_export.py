@@ -49,7 +49,7 @@ from common import (
     peak_memory_bytes,
     write_results,
 )
-from ttft import (
+from models import (
     DEFAULT_IMAGE,
     SIZES,
     build_ours,
@@ -58,7 +58,7 @@ from ttft import (
     chat_inputs,
     fastvlm_config,
     generation_kwargs,
-    load_image,
+    rgb_image,
 )
 
 from fastvlm_hf import export
@@ -140,8 +140,8 @@ class StepClock:
 def prepare(args: argparse.Namespace):
     tokenizer = build_tokenizer()
     processor = build_processors(tokenizer, args.resolution)["ours"]
-    config = fastvlm_config(args.size, tokenizer, args.resolution)
-    inputs = dict(chat_inputs(processor, load_image(args.image), "cpu"))
+    config = fastvlm_config(args.size, resolution=args.resolution, tokenizer=tokenizer)
+    inputs = dict(chat_inputs(processor, rgb_image(args.image), "cpu"))
     return tokenizer, processor, config, inputs
 
 

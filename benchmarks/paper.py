@@ -38,8 +38,6 @@ import _torchvision_shim  # noqa: F401  (first: before anything imports torchvis
 import torch
 import transformers
 from common import (
-    QWEN2_COMMON,
-    QWEN2_SIZES,
     REPO,
     Stats,
     add_common_arguments,
@@ -61,7 +59,17 @@ from common import (
     write_results,
 )
 from PIL import Image, ImageOps
-from ttft import DEFAULT_IMAGE, Side, build_ours, build_tokenizer, fastvlm_config, generation_kwargs, load_image
+from models import (
+    DEFAULT_IMAGE,
+    QWEN2_COMMON,
+    QWEN2_SIZES,
+    Side,
+    build_ours,
+    build_tokenizer,
+    fastvlm_config,
+    generation_kwargs,
+    rgb_image,
+)
 
 from fastvlm_hf import FastVLMImageProcessor, FastVLMProcessor
 from fastvlm_hf.processing_fastvlm import DEFAULT_CHAT_TEMPLATE
@@ -121,13 +129,13 @@ def llava_key(args: argparse.Namespace) -> str:
 
 
 def square_image(args: argparse.Namespace) -> Image.Image:
-    return ImageOps.fit(load_image(args.image), (args.image_size, args.image_size), Image.Resampling.BICUBIC)
+    return ImageOps.fit(rgb_image(args.image), (args.image_size, args.image_size), Image.Resampling.BICUBIC)
 
 
 def build_fastvlm(args: argparse.Namespace, tokenizer) -> torch.nn.Module:
     """FastVLM-0.5B as the CLI runs it: bf16, eval, the language model's weights packed on CPU. The encoder is
     resolution-free, so one model serves every input size."""
-    config = fastvlm_config("0.5b", tokenizer, 1024, args.layers)
+    config = fastvlm_config("0.5b", args.layers, 1024, tokenizer)
     model = build_ours(config, DTYPE, args.device, args.seed).eval()
     if args.device == "cpu":
         model.pack_weights()

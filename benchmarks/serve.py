@@ -41,7 +41,6 @@ import numpy as np
 import torch
 from common import (
     DTYPES,
-    REPO,
     add_common_arguments,
     configure_torch,
     describe_machine,
@@ -49,10 +48,11 @@ from common import (
     machine_line,
     markdown_table,
     parse_list,
+    synchronize,
     write_results,
 )
 from PIL import Image
-from ttft import PROMPT, SIZES, build_ours, build_tokenizer, fastvlm_config, generation_kwargs
+from models import PROMPT, SIZES, build_ours, build_tokenizer, fastvlm_config, generation_kwargs
 
 from fastvlm_hf import FastVLMForConditionalGeneration, FastVLMImageProcessor, FastVLMProcessor
 from fastvlm_hf.stats import TokenClock
@@ -147,8 +147,7 @@ class TransformersServer:
         ).to(self.args.device)
         clock = TokenClock()
         self.model.generate(**inputs, streamer=clock, **self.generate_kwargs)
-        if self.args.device == "cuda":
-            torch.cuda.synchronize()
+        synchronize(self.args.device)
         return clock.token_times
 
     def serve(self, batch_size: int) -> list[dict[str, float]]:
@@ -195,7 +194,7 @@ def run_transformers(directory: Path, prompt: str, images, args: argparse.Namesp
 
 def run_vllm(directory: Path, prompt: str, images, args: argparse.Namespace) -> dict[str, Any]:
     if _torchvision_shim.APPLIED:  # vLLM's processes import torchvision too: the shim runs in them as `sitecustomize`
-        shim = str(REPO / "tests" / "torchvision_shim")
+        shim = str(_torchvision_shim.SHIM_DIR)
         os.environ["PYTHONPATH"] = os.pathsep.join(filter(None, [shim, os.environ.get("PYTHONPATH")]))
     from vllm import AsyncEngineArgs, SamplingParams
     from vllm.v1.engine.async_llm import AsyncLLM
@@ -308,7 +307,7 @@ def main(argv: list[str] | None = None) -> None:
     for size in args.sizes:
         with tempfile.TemporaryDirectory(prefix=f"fastvlm-{size}-") as directory:
             log(f"FastVLM-{size}: random weights saved to {directory}")
-            model = build_ours(fastvlm_config(size, tokenizer, args.resolution, args.layers), DTYPES[args.dtype], "cpu", args.seed)
+            model = build_ours(fastvlm_config(size, args.layers, args.resolution, tokenizer), DTYPES[args.dtype], "cpu", args.seed)
             model.save_pretrained(directory)
             processor.save_pretrained(directory)
             del model

@@ -37,16 +37,12 @@ import torch
 import transformers
 from common import (
     DTYPES,
-    QWEN2_COMMON,
-    QWEN2_SIZES,
     REPO,
     Stats,
     add_common_arguments,
     configure_torch,
     count_flops,
-    default_dtype,
     describe_machine,
-    give_fastvithd_working_weights,
     interleave,
     log,
     machine_line,
@@ -60,32 +56,21 @@ from common import (
     report_memory,
     write_results,
 )
-from PIL import Image
-from tokenizers import Tokenizer, decoders, models, pre_tokenizers, trainers
-from transformers import CLIPImageProcessor, DynamicCache, LlavaProcessor, PreTrainedTokenizerFast
-
-from fastvlm_hf import (
-    FastVLMConfig,
-    FastVLMForConditionalGeneration,
-    FastVLMImageProcessor,
-    FastVLMProcessor,
-    checkpoints,
+from models import (
+    DEFAULT_IMAGE,
+    SIZES,
+    Side,
+    build_native,
+    build_ours,
+    build_processors,
+    build_tokenizer,
+    fastvlm_config,
+    generation_kwargs,
+    rgb_image,
 )
-from fastvlm_hf.compat import CACHE_NAME, cache_of
-from fastvlm_hf.processing_fastvlm import DEFAULT_CHAT_TEMPLATE
-from fastvlm_hf.stats import TokenClock
 
-SIZES = {  # FastVLM's language models, and a tiny one for smoke runs
-    "tiny": {"hidden_size": 128, "num_hidden_layers": 2, "num_attention_heads": 4, "num_key_value_heads": 2,
-             "intermediate_size": 256, "vocab_size": 151936, "tie_word_embeddings": True},
-    **QWEN2_SIZES,
-}  # fmt: skip
-SPECIAL_TOKENS = ["<|endoftext|>", "<|im_start|>", "<|im_end|>", "<image>"]
-PROMPT = "Describe the image in detail."
-FOLLOW_UP = "What colour is the roof of the house?"
-# The ChatML between the first answer and the second one: the end of the answer's turn and the next user turn.
-FOLLOW_UP_TURN = f"<|im_end|>\n<|im_start|>user\n{FOLLOW_UP}<|im_end|>\n<|im_start|>assistant\n"
-DEFAULT_IMAGE = REPO / "examples" / "house.png"
+from fastvlm_hf import FastVLMForConditionalGeneration
+
 SIDES = ("ours", "native")
 
 
@@ -120,85 +105,7 @@ def parse_arguments(argv: list[str] | None = None) -> argparse.Namespace:
 
 
 # ----------------------------------------------------------------------------------------------------------------------
-# Inputs
-
-
-def build_tokenizer() -> PreTrainedTokenizerFast:
-    """A byte-level BPE with Qwen2's special tokens that knows the prompt's words."""
-    corpus = [PROMPT, FOLLOW_UP, "You are a helpful assistant.", "system", "user", "assistant"]
-    bpe = Tokenizer(models.BPE())
-    bpe.pre_tokenizer = pre_tokenizers.ByteLevel(add_prefix_space=False)
-    bpe.decoder = decoders.ByteLevel()
-    trainer = trainers.BpeTrainer(
-        vocab_size=400,
-        special_tokens=SPECIAL_TOKENS,
-        initial_alphabet=pre_tokenizers.ByteLevel.alphabet(),
-        show_progress=False,
-    )
-    bpe.train_from_iterator(corpus * 10, trainer)
-    return PreTrainedTokenizerFast(tokenizer_object=bpe, eos_token="<|im_end|>", pad_token="<|endoftext|>")
-
-
-def build_processors(tokenizer, side: int) -> dict[str, Any]:
-    """Ours (Apple's padding) and the `LlavaProcessor` transformers' native checkpoints carry (CLIP crop), with one
-    tokenizer and one chat template."""
-    ours = FastVLMProcessor(image_processor=FastVLMImageProcessor(size=side), tokenizer=tokenizer)
-    clip = CLIPImageProcessor(
-        size={"shortest_edge": side},
-        crop_size={"height": side, "width": side},
-        image_mean=[0.0, 0.0, 0.0],
-        image_std=[1.0, 1.0, 1.0],
-    )
-    native = LlavaProcessor(
-        image_processor=clip,
-        tokenizer=tokenizer,
-        patch_size=ours.image_processor.patch_size,
-        vision_feature_select_strategy="full",
-        chat_template=DEFAULT_CHAT_TEMPLATE,
-    )
-    return {"ours": ours, "native": native}
-
-
-def load_image(path: Path) -> Image.Image:
-    with Image.open(path) as image:
-        return image.convert("RGB")
-
-
-def chat_inputs(processor, image: Image.Image, device: str) -> dict[str, torch.Tensor]:
-    content = [{"type": "image", "image": image}, {"type": "text", "text": PROMPT}]
-    inputs = processor.apply_chat_template(
-        [{"role": "user", "content": content}],
-        add_generation_prompt=True,
-        tokenize=True,
-        return_dict=True,
-        return_tensors="pt",
-    )
-    return inputs.to(device)
-
-
-# ----------------------------------------------------------------------------------------------------------------------
 # Models
-
-
-def fastvlm_config(size: str, tokenizer, resolution: int, layers: int | None = None) -> FastVLMConfig:
-    text_config = {**QWEN2_COMMON, **SIZES[size]}
-    if layers:
-        text_config["num_hidden_layers"] = layers
-    return FastVLMConfig(
-        vision_config={"image_size": resolution},
-        text_config=text_config,
-        image_token_id=tokenizer.convert_tokens_to_ids("<image>"),
-        tie_word_embeddings=text_config["tie_word_embeddings"],
-    )
-
-
-def build_ours(config: FastVLMConfig, dtype: torch.dtype, device: str, seed: int) -> FastVLMForConditionalGeneration:
-    """Random weights, built directly in `dtype` on `device`; not yet in eval mode."""
-    torch.manual_seed(seed)
-    with torch.device(device), default_dtype(dtype):
-        model = FastVLMForConditionalGeneration(config)
-    give_fastvithd_working_weights(model.model.vision_tower, seed)
-    return model
 
 
 def packed_for(args: argparse.Namespace, ours: FastVLMForConditionalGeneration) -> FastVLMForConditionalGeneration:
@@ -206,58 +113,6 @@ def packed_for(args: argparse.Namespace, ours: FastVLMForConditionalGeneration) 
     if args.pack and args.device == "cpu":
         ours.pack_weights()
     return ours
-
-
-def build_native(config: FastVLMConfig, dtype: torch.dtype, device: str, ours=None) -> torch.nn.Module:
-    """transformers' `FastVlmForConditionalGeneration` for `config`, with the weights of `ours` when given."""
-    native_config = transformers.FastVlmConfig(**checkpoints.transformers_config_kwargs(config))
-    with torch.device(device), default_dtype(dtype):
-        native = transformers.FastVlmForConditionalGeneration(native_config)
-    if ours is not None:
-        native.load_state_dict(checkpoints.from_fastvlm_state_dict(ours.state_dict(), checkpoints.TRANSFORMERS))
-    return native
-
-
-def generation_kwargs(tokenizer) -> dict[str, Any]:
-    return {
-        "do_sample": False,
-        "eos_token_id": tokenizer.convert_tokens_to_ids("<|im_end|>"),
-        "pad_token_id": tokenizer.pad_token_id,
-    }
-
-
-class Side:
-    """One model with its processor: the calls the benchmark times."""
-
-    def __init__(self, model, processor, image: Image.Image, device: str, generate_kwargs: dict[str, Any]):
-        self.model, self.processor, self.image, self.device = model, processor, image, device
-        self.generate_kwargs = generate_kwargs
-
-    def inputs(self) -> dict[str, torch.Tensor]:
-        return chat_inputs(self.processor, self.image, self.device)
-
-    def generate(self, new_tokens: int, **kwargs):
-        kwargs = {**self.generate_kwargs, "max_new_tokens": new_tokens, "min_new_tokens": new_tokens, **kwargs}
-        return self.model.generate(**self.inputs(), **kwargs)
-
-    def timed_decode(self, new_tokens: int, seconds_per_token: list[float]) -> None:
-        """Generates `new_tokens + 1` tokens and appends the time per token after the first (streamer timestamps)."""
-        clock = TokenClock()
-        self.generate(new_tokens + 1, streamer=clock)
-        first, *_, last = clock.token_times
-        seconds_per_token.append((last - first) / new_tokens)
-
-    def first_turn(self, answer_tokens: int) -> tuple[torch.Tensor, DynamicCache]:
-        """The first turn's tokens (prompt and answer) and the cache it leaves."""
-        output = self.generate(answer_tokens, return_dict_in_generate=True, **{CACHE_NAME: DynamicCache()})
-        return output.sequences, cache_of(output)
-
-    def second_turn(self, first_turn_ids: torch.Tensor, cache: DynamicCache):
-        tokenizer = self.processor.tokenizer
-        follow_up = tokenizer(FOLLOW_UP_TURN, add_special_tokens=False, return_tensors="pt").input_ids
-        input_ids = torch.cat([first_turn_ids, follow_up.to(self.device)], dim=1)
-        kwargs = {**self.generate_kwargs, "max_new_tokens": 1, "min_new_tokens": 1, CACHE_NAME: cache}
-        return self.model.generate(input_ids=input_ids, attention_mask=torch.ones_like(input_ids), **kwargs)
 
 
 # ----------------------------------------------------------------------------------------------------------------------
@@ -329,8 +184,8 @@ def memory_probe(args: argparse.Namespace) -> None:
     size, dtype_name = args.sizes[0], args.dtypes[0]
     tokenizer = build_tokenizer()
     processor = build_processors(tokenizer, args.resolution)[args.memory_probe]
-    image = load_image(args.image)
-    config = fastvlm_config(size, tokenizer, args.resolution, args.layers)
+    image = rgb_image(args.image)
+    config = fastvlm_config(size, args.layers, args.resolution, tokenizer)
     baseline = memory_baseline(args.device)
     dtype = DTYPES[dtype_name]
     if args.memory_probe == "ours":
@@ -437,7 +292,7 @@ def markdown(results: dict[str, Any]) -> str:
 
 def run_pair(size: str, dtype_name: str, args, tokenizer, processors, image) -> dict[str, Any]:
     dtype = DTYPES[dtype_name]
-    config = fastvlm_config(size, tokenizer, args.resolution, args.layers)
+    config = fastvlm_config(size, args.layers, args.resolution, tokenizer)
     log(f"{size} {dtype_name}: building both models")
     ours = build_ours(config, dtype, args.device, args.seed)
     native = build_native(config, dtype, args.device, ours)
@@ -466,7 +321,7 @@ def main(argv: list[str] | None = None) -> None:
         sys.exit(f"transformers {transformers.__version__} has no FastVlmForConditionalGeneration: the peer needs 5.x")
     tokenizer = build_tokenizer()
     processors = build_processors(tokenizer, args.resolution)
-    image = load_image(args.image)
+    image = rgb_image(args.image)
     results: dict[str, Any] = {
         "benchmark": "ttft",
         "machine": describe_machine(args.device),

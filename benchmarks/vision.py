@@ -28,7 +28,6 @@ from common import (
     configure_torch,
     count_flops,
     describe_machine,
-    give_fastvithd_working_weights,
     interleave,
     log,
     machine_line,
@@ -38,6 +37,7 @@ from common import (
     relative_error,
     write_results,
 )
+from models import give_fastvithd_working_weights
 
 from fastvlm_hf import FastViTHDConfig, FastViTHDModel, FastVLMConfig, checkpoints
 

@@ -17,6 +17,8 @@ import pytest  # noqa: E402
 from tokenizers import Tokenizer, decoders, models, pre_tokenizers, trainers  # noqa: E402
 from transformers import PreTrainedTokenizerFast  # noqa: E402
 
+from fastvlm_hf.testing import give_weights_a_working_scale, randomize_non_parameter_state  # noqa: E402, F401
+
 SPECIAL_TOKENS = ["<|endoftext|>", "<|im_start|>", "<|im_end|>", "<image>"]
 
 _TRAINING_TEXT = [
@@ -77,22 +79,6 @@ def tiny_text_config(vocab_size: int, tie_word_embeddings: bool = True) -> dict:
     }
 
 
-def randomize_non_parameter_state(model) -> None:
-    """Give BatchNorm statistics and layer scales non-default values, so that a load that silently
-    re-initialises them (instead of reading the checkpoint) changes the outputs."""
-    import torch
-
-    generator = torch.Generator().manual_seed(1234)
-    with torch.no_grad():
-        for name, tensor in model.state_dict().items():
-            if name.endswith("running_mean"):
-                tensor.copy_(torch.randn(tensor.shape, generator=generator) * 0.1)
-            elif name.endswith("running_var"):
-                tensor.copy_(torch.rand(tensor.shape, generator=generator) + 0.5)
-            elif name.endswith("gamma") or "bn.weight" in name or "norm.weight" in name:
-                tensor.copy_(torch.rand(tensor.shape, generator=generator) + 0.5)
-
-
 def give_weights_decisive_answers(model, seed: int = 1) -> None:
     """Draw the weight matrices large enough that a tiny model's greedy answers depend on the image and the prompt
     (at initialisation scale it answers the same whitespace whatever it is shown, which no equality test could fail
@@ -105,25 +91,6 @@ def give_weights_decisive_answers(model, seed: int = 1) -> None:
             if parameter.dim() >= 2:
                 std = parameter[0].numel() ** -0.5 if "vision_tower" in name else 1.0
                 parameter.normal_(0, std, generator=generator)
-
-
-def give_weights_a_working_scale(model, seed: int = 7) -> None:
-    """Initialisation's std 0.02 and zero biases leave a tiny tower's image features all but independent of the image
-    (two different images give the same features to the last bit), and a zero bias hides a lost one: draw the weights
-    at 1.5× fan-in scale, which keeps the image's signal through the five stages and into the logits, and the biases
-    non-zero. BatchNorm statistics, layer scales and norms keep `randomize_non_parameter_state`'s values. Values are
-    bfloat16-exact, so that bf16 checkpoints hold them exactly."""
-    import torch
-
-    generator = torch.Generator().manual_seed(seed)
-    with torch.no_grad():
-        for name, parameter in model.named_parameters():
-            if parameter.dim() >= 2:
-                std = 1.5 * parameter[0].numel() ** -0.5
-                parameter.copy_(torch.randn(parameter.shape, generator=generator) * std)
-            elif name.endswith("bias"):
-                parameter.copy_(torch.randn(parameter.shape, generator=generator) * 0.1)
-            parameter.copy_(parameter.bfloat16().float())
 
 
 def _needs_native_bfloat16():

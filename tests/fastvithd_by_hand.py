@@ -3,26 +3,14 @@
 import math
 
 import torch
-from conftest import (
-    TINY_VISION_CONFIG,
-    give_weights_a_working_scale,
-    randomize_non_parameter_state,
-)
+from conftest import TINY_VISION_CONFIG
 
 from fastvlm_hf import FastViTHDConfig, FastViTHDModel
 from fastvlm_hf.modeling_fastvithd import FastViTHDRepMixerBlock
-
-
-def seeded(module, seed=0):
-    generator = torch.Generator().manual_seed(seed)
-    with torch.no_grad():
-        for tensor in module.state_dict().values():
-            if tensor.is_floating_point():
-                tensor.copy_(torch.randn(tensor.shape, generator=generator) * 0.3)
-        for submodule in module.modules():
-            if isinstance(submodule, torch.nn.BatchNorm2d):
-                submodule.running_var.abs_().add_(0.5)
-    return module.eval()
+from fastvlm_hf.testing import (
+    give_weights_a_working_scale,
+    randomize_non_parameter_state,
+)
 
 
 def depthwise_conv_by_hand(x, weight, bias):
@@ -78,7 +66,6 @@ def attention_by_hand(mixer, x):
 
 def scaled(layer_scale, x):
     return layer_scale.gamma.view(1, -1, 1, 1) * x
-
 
 
 def conv_act_by_hand(block, x):

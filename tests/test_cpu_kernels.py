@@ -13,7 +13,6 @@ from fastvithd_by_hand import (
     conv_act_by_hand,
     conv_mlp_by_hand,
     relative_error,
-    seeded,
     tiny_eval_tower,
     tower_by_hand,
 )
@@ -27,6 +26,7 @@ from fastvlm_hf.modeling_fastvithd import (
     FastViTHDConvMlp,
     FastViTHDPatchEmbed,
 )
+from fastvlm_hf.testing import with_working_weights
 
 ROUTES = ["conv_act", "pointwise_layers", "stem_in_row_bands"]
 
@@ -182,7 +182,7 @@ def test_one_switch_turns_every_fast_route_off(eval_tower, monkeypatch, onednn_c
 
 @torch.no_grad()
 def test_convffn_runs_its_pointwise_layers_in_chunks_on_large_maps(config, monkeypatch, onednn_calls, routes_taken):
-    mlp = routed(seeded(FastViTHDConvMlp(config, channels=8, hidden_channels=32)))
+    mlp = routed(with_working_weights(FastViTHDConvMlp(config, channels=8, hidden_channels=32)))
     x = torch.randn(2, 8, 9, 9).contiguous(memory_format=torch.channels_last)  # 162 pixels
     expected = conv_mlp_by_hand(copy.deepcopy(mlp).double(), x.double())
     mlp(x)  # 20 KiB of hidden activations: not chunked (more pixels than channels: convolutions)
@@ -205,7 +205,7 @@ def test_convffn_runs_its_pointwise_layers_in_chunks_on_large_maps(config, monke
 
 @torch.no_grad()
 def test_convffn_runs_its_pointwise_layers_as_linear_layers_on_maps_with_few_pixels(config, onednn_calls):
-    mlp = routed(seeded(FastViTHDConvMlp(config, channels=8, hidden_channels=32)))
+    mlp = routed(with_working_weights(FastViTHDConvMlp(config, channels=8, hidden_channels=32)))
     x = torch.randn(2, 8, 2, 2).contiguous(memory_format=torch.channels_last)  # 8 pixels, 8 channels
     expected = conv_mlp_by_hand(copy.deepcopy(mlp).double(), x.double())
     as_linear = mlp(x)
@@ -271,7 +271,7 @@ def test_stem_runs_on_the_whole_map_with_autograd_or_nchw_input(eval_tower, monk
 @pytest.mark.parametrize("dtype", [torch.float32, pytest.param(torch.bfloat16, marks=needs_native_bfloat16)])
 def test_channel_multiplier_convolution_runs_as_depthwise_over_repeated_channels(config, monkeypatch, dtype):
     monkeypatch.setattr(cpu_settings, "onednn_fusion_min_pixels", math.inf)  # the depthwise route alone
-    embed = routed(seeded(FastViTHDPatchEmbed(config, in_channels=8, out_channels=16)))
+    embed = routed(with_working_weights(FastViTHDPatchEmbed(config, in_channels=8, out_channels=16)))
     large = embed.proj[0]
     x = torch.randn(2, 8, 20, 20).contiguous(memory_format=torch.channels_last)
     with torch.no_grad():
@@ -306,7 +306,7 @@ def _groups_of_convolutions(monkeypatch) -> list[int]:
 @torch.no_grad()
 def test_a_convolution_block_with_squeeze_excite_takes_no_route(routes_taken, monkeypatch, onednn_calls):
     monkeypatch.setattr(cpu_settings, "onednn_fusion_min_pixels", 0)
-    final_conv = routed(seeded(FastViTHDConvAct(16, 32, 3, "gelu", groups=16, se_hidden_size=4)))
+    final_conv = routed(with_working_weights(FastViTHDConvAct(16, 32, 3, "gelu", groups=16, se_hidden_size=4)))
     x = torch.randn(1, 16, 8, 8).contiguous(memory_format=torch.channels_last)
     out = final_conv(x)
     assert not routes_taken and not onednn_calls
@@ -316,7 +316,7 @@ def test_a_convolution_block_with_squeeze_excite_takes_no_route(routes_taken, mo
 @torch.no_grad()
 def test_an_activation_onednn_cannot_fuse_keeps_its_module(config, monkeypatch, onednn_calls):
     monkeypatch.setattr(cpu_settings, "onednn_fusion_min_pixels", 0)
-    block = routed(seeded(FastViTHDConvAct(8, 8, 1, "silu")), hidden_act="silu")
+    block = routed(with_working_weights(FastViTHDConvAct(8, 8, 1, "silu")), hidden_act="silu")
     x = torch.randn(1, 8, 8, 8).contiguous(memory_format=torch.channels_last)
     conv = block.reparam_conv
     expected = torch.nn.functional.silu(torch.nn.functional.conv2d(x, conv.weight, conv.bias))

@@ -18,7 +18,6 @@ from fastvithd_by_hand import (
     pointwise_by_hand,
     relative_error,
     scaled,
-    seeded,
     tiny_eval_tower,
     tower_by_hand,
 )
@@ -36,6 +35,7 @@ from fastvlm_hf.modeling_fastvithd import (
     FastViTHDRepMixerBlock,
     FastViTHDStage,
 )
+from fastvlm_hf.testing import with_working_weights
 
 
 @pytest.fixture
@@ -45,7 +45,7 @@ def config():
 
 @torch.no_grad()
 def test_repmixer_is_its_depthwise_conv_without_residual(config):
-    block = seeded(FastViTHDRepMixerBlock(config, channels=8, mlp_ratio=2.0))
+    block = with_working_weights(FastViTHDRepMixerBlock(config, channels=8, mlp_ratio=2.0))
     x = torch.randn(2, 8, 9, 7, dtype=torch.float64)
     block.double()
     mixed = depthwise_conv_by_hand(x, block.token_mixer.reparam_conv.weight, block.token_mixer.reparam_conv.bias)
@@ -56,7 +56,7 @@ def test_repmixer_is_its_depthwise_conv_without_residual(config):
 
 @torch.no_grad()
 def test_repcpe_is_its_7x7_depthwise_conv_without_residual(config):
-    stage = seeded(FastViTHDStage(config, stage_index=3)).double()
+    stage = with_working_weights(FastViTHDStage(config, stage_index=3)).double()
     x = torch.randn(1, 64, 6, 6, dtype=torch.float64)
     conv = stage.pos_emb.reparam_conv
     assert conv.kernel_size == (7, 7) and conv.groups == 64
@@ -65,7 +65,7 @@ def test_repcpe_is_its_7x7_depthwise_conv_without_residual(config):
 
 @torch.no_grad()
 def test_convffn_uses_batchnorm_running_statistics(config):
-    mlp = seeded(FastViTHDConvMlp(config, channels=8, hidden_channels=16)).double()
+    mlp = with_working_weights(FastViTHDConvMlp(config, channels=8, hidden_channels=16)).double()
     x = torch.randn(2, 8, 5, 5, dtype=torch.float64)
     assert torch.allclose(mlp(x), conv_mlp_by_hand(mlp, x), atol=1e-10)
 
@@ -73,7 +73,7 @@ def test_convffn_uses_batchnorm_running_statistics(config):
 @torch.no_grad()
 def test_channel_layer_norm_matches_biased_variance_formula():
     norm = FastViTHDLayerNorm2d(channels=6, eps=1e-5)
-    seeded(norm)
+    with_working_weights(norm)
     x = torch.randn(3, 6, 4, 5) * 3 + 1
     expected = channel_layer_norm_by_hand(x.double(), norm.weight.double(), norm.bias.double(), 1e-5)
     assert torch.allclose(norm(x).double(), expected, atol=1e-5)
@@ -83,7 +83,7 @@ def test_channel_layer_norm_matches_biased_variance_formula():
 @torch.no_grad()
 def test_attention_block_matches_explicit_softmax_attention():
     config = FastViTHDConfig(**{**TINY_VISION_CONFIG, "attention_head_dim": 32})
-    block = seeded(FastViTHDAttentionBlock(config, channels=64, mlp_ratio=2.0)).double()
+    block = with_working_weights(FastViTHDAttentionBlock(config, channels=64, mlp_ratio=2.0)).double()
     x = torch.randn(2, 64, 3, 5, dtype=torch.float64)
 
     mixer = block.token_mixer
@@ -96,7 +96,7 @@ def test_attention_block_matches_explicit_softmax_attention():
 
 @torch.no_grad()
 def test_patch_embed_is_grouped_strided_conv_with_gelu_then_pointwise_with_gelu(config):
-    embed = seeded(FastViTHDPatchEmbed(config, in_channels=8, out_channels=16)).double()
+    embed = with_working_weights(FastViTHDPatchEmbed(config, in_channels=8, out_channels=16)).double()
     x = torch.randn(1, 8, 10, 10, dtype=torch.float64)
     large = embed.proj[0].reparam_conv
     assert large.groups == 8 and large.stride == (2, 2) and large.kernel_size == (7, 7)
@@ -112,7 +112,7 @@ def test_patch_embed_is_grouped_strided_conv_with_gelu_then_pointwise_with_gelu(
 @torch.no_grad()
 def test_squeeze_excite_pools_the_whole_map(side):
     """At 512 px the final map is 8×8 and at 1536 px 24×24: the gate must average every pixel."""
-    final_conv = seeded(FastViTHDConvAct(16, 32, 3, "gelu", groups=16, se_hidden_size=4)).double()
+    final_conv = with_working_weights(FastViTHDConvAct(16, 32, 3, "gelu", groups=16, se_hidden_size=4)).double()
     x = torch.randn(1, 16, side, side, dtype=torch.float64)
     conv = final_conv.reparam_conv(x)
     pooled = conv.sum(dim=(2, 3), keepdim=True) / (side * side)
@@ -124,7 +124,7 @@ def test_squeeze_excite_pools_the_whole_map(side):
 @pytest.mark.parametrize("side,tokens", [(512, 64), (1536, 576)])
 @torch.no_grad()
 def test_squeeze_excite_is_global_inside_the_encoder(config, side, tokens):
-    model = seeded(FastViTHDModel(config))
+    model = with_working_weights(FastViTHDModel(config))
     captured = {}
     model.final_conv.se.register_forward_hook(lambda module, args, out: captured.update(x=args[0], out=out))
     output = model(torch.rand(1, 3, side, side))
@@ -281,7 +281,7 @@ def test_optimised_eval_path_in_bfloat16_stays_close(eval_tower):
 
 @torch.no_grad()
 def test_batchnorm_folding_is_exact_and_leaves_the_weights_alone(config):
-    conv_norm = seeded(FastViTHDConvNorm(channels=8, kernel_size=7, eps=config.batch_norm_eps))
+    conv_norm = with_working_weights(FastViTHDConvNorm(channels=8, kernel_size=7, eps=config.batch_norm_eps))
     published = {name: tensor.clone() for name, tensor in conv_norm.state_dict().items()}
     x = torch.randn(2, 8, 9, 9)
     plain = conv_norm.bn(conv_norm.conv(x))
@@ -291,7 +291,7 @@ def test_batchnorm_folding_is_exact_and_leaves_the_weights_alone(config):
 
 
 def test_training_uses_batch_statistics_and_updates_them(config):
-    conv_norm = seeded(FastViTHDConvNorm(channels=8, kernel_size=7, eps=config.batch_norm_eps)).train()
+    conv_norm = with_working_weights(FastViTHDConvNorm(channels=8, kernel_size=7, eps=config.batch_norm_eps)).train()
     running_mean = conv_norm.bn.running_mean.clone()
     x = torch.randn(4, 8, 9, 9) * 2 + 1
     out = conv_norm(x)

@@ -1,4 +1,5 @@
-"""`fastvlm_hf.stats`: the phases of one generation, timed with hooks and a token streamer."""
+"""`fastvlm_hf.stats`: the phases of one generation, timed with hooks and a token streamer; the statistics, tables and
+device synchronization that report them."""
 
 import time
 
@@ -7,7 +8,8 @@ import torch
 from PIL import Image
 from transformers import Qwen2Config, Qwen2ForCausalLM
 
-from fastvlm_hf.stats import GenerationTimer, GenerationTimings, TokenClock, summarize
+from fastvlm_hf.cli.bench import summary_table
+from fastvlm_hf.stats import GenerationTimer, GenerationTimings, TokenClock, markdown_table, summarize, synchronize
 
 VISION_DELAY_S = 1.0  # far above the tiny model's own prefill time, even on a busy machine
 
@@ -92,7 +94,39 @@ def test_timings_as_milliseconds():
 
 def test_summarize_skips_unmeasured_values():
     assert summarize([3.0, None, 1.0, 2.0]) == (2.0, 1.0, 3.0)
+    assert summarize([4.0, 1.0, 2.0, 3.0]) == (2.5, 1.0, 4.0)  # an even count: the mean of the middle two
     assert summarize([None, None]) is None
+
+
+def test_markdown_table_writes_each_cell_as_str_and_aligns_the_columns_asked():
+    rows = [["fp32", 1.5, None], ["bf16", "2×", 3]]
+    assert markdown_table(["dtype", "ms", "note"], rows) == (
+        "| dtype | ms | note |\n|---|---|---|\n| fp32 | 1.5 | None |\n| bf16 | 2× | 3 |"
+    )
+    assert markdown_table(["a", "b"], [], right_aligned={1}) == "| a | b |\n|---|---:|"
+
+
+def test_the_bench_command_table_gives_median_min_and_max_of_the_measured_values():
+    table = summary_table([("TTFT (ms)", [30.0, None, 10.0, 20.04]), ("vision encoder (ms)", [None, None])])
+    assert table == (
+        "| phase | median | min | max |\n"
+        "|---|---:|---:|---:|\n"
+        "| TTFT (ms) | 20.0 | 10.0 | 30.0 |\n"
+        "| vision encoder (ms) | n/a | n/a | n/a |"
+    )
+
+
+def test_synchronize_waits_for_cuda_and_mps_and_not_for_the_cpu(monkeypatch):
+    waited = []
+    monkeypatch.setattr(torch.cuda, "synchronize", lambda device=None: waited.append(("cuda", device)))
+    monkeypatch.setattr(torch.mps, "synchronize", lambda: waited.append(("mps", None)))
+    synchronize("cpu")
+    synchronize(torch.device("cpu"))
+    assert waited == []
+    synchronize("cuda")
+    synchronize(torch.device("cuda", 1))
+    synchronize("mps")
+    assert waited == [("cuda", torch.device("cuda")), ("cuda", torch.device("cuda", 1)), ("mps", None)]
 
 
 class SteppedClock:

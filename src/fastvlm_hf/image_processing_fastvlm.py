@@ -299,18 +299,22 @@ def _to_pil_image(image: Any, input_data_format: ChannelDimension | str | None) 
 def _load_image(path_or_url: str) -> Image.Image:
     """Reads an image file or URL now, so that a bad file fails here with its name.
 
-    A local file is opened as `PIL.Image.open` would (as Apple's reference does), so it is processed exactly like the
-    same image passed in opened; URLs and base64 strings go through transformers' `load_image`.
+    A local file is opened by the package's image loader, as `PIL.Image.open` would (as Apple's reference does), so it
+    is processed exactly like the same image passed in opened; URLs and base64 strings go through transformers'
+    `load_image`.
     """
+    from .image_loading import ImageLoadError
+    from .image_loading import load_image as load_image_file
+
     try:
         if os.path.isfile(path_or_url):
-            image = Image.open(path_or_url)
-            image.load()
-        else:
-            image = load_image(path_or_url)
+            return load_image_file(path_or_url)
+        return load_image(path_or_url)
+    except ImageLoadError as error:
+        reason = error.__cause__  # what Pillow or the file system said
     except (OSError, ValueError) as error:
-        raise ValueError(f"Cannot read the image {path_or_url!r}: {error}") from error
-    return image
+        reason = error
+    raise ImageLoadError(f"Cannot read the image {path_or_url!r}: {reason}") from reason
 
 
 def _to_rgb(image: Image.Image, do_convert_rgb: bool) -> Image.Image:

@@ -1,4 +1,5 @@
-"""Timing of one generation, phase by phase, for any transformers vision-language model.
+"""Timing of one generation, phase by phase, for any transformers vision-language model, and the statistics and
+Markdown tables that report timings.
 
 [`GenerationTimer`] measures:
 
@@ -30,7 +31,9 @@ from __future__ import annotations
 import contextlib
 import statistics
 import time
+from collections.abc import Collection, Sequence
 from dataclasses import dataclass
+from typing import Any
 
 import torch
 from torch import nn
@@ -182,7 +185,7 @@ class GenerationTimer:
         self._handles.append(self.model.register_forward_hook(self._forward_ended))
 
     def _now(self) -> float:
-        _synchronize(self._device)
+        synchronize(self._device)
         return time.perf_counter()
 
     def _vision_started(self, module, args) -> None:
@@ -210,6 +213,25 @@ def summarize(values: list[float | None]) -> tuple[float, float, float] | None:
     return statistics.median(measured), min(measured), max(measured)
 
 
+def markdown_table(headers: Sequence[str], rows: Sequence[Sequence[Any]], right_aligned: Collection[int] = ()) -> str:
+    """A Markdown table of `rows` under `headers`, each cell as `str` writes it; the columns whose index is in
+    `right_aligned` (numbers) are right-aligned."""
+    rule = ["---:" if index in right_aligned else "---" for index in range(len(headers))]
+    lines = ["| " + " | ".join(headers) + " |", "|" + "|".join(rule) + "|"]
+    lines += ["| " + " | ".join(str(cell) for cell in row) + " |" for row in rows]
+    return "\n".join(lines)
+
+
+def synchronize(device: torch.device | str) -> None:
+    """Waits for the kernels queued on `device` (CUDA or MPS) to finish, so that a clock read next counts them;
+    nothing to wait for on CPU."""
+    device = torch.device(device)
+    if device.type == "cuda":
+        torch.cuda.synchronize(device)
+    elif device.type == "mps":
+        torch.mps.synchronize()
+
+
 def _find_module(model: nn.Module, names: tuple[str, ...]) -> nn.Module | None:
     """The outermost submodule whose attribute name is one of `names`."""
     for path, module in model.named_modules():
@@ -225,13 +247,6 @@ def _device_of(model: nn.Module) -> torch.device:
         return torch.device("cpu")
 
 
-def _synchronize(device: torch.device) -> None:
-    if device.type == "cuda":
-        torch.cuda.synchronize(device)
-    elif device.type == "mps":
-        torch.mps.synchronize()
-
-
 def _ms(seconds: float | None) -> float | None:
     return None if seconds is None else round(1000 * seconds, 3)
 
@@ -244,4 +259,4 @@ def _text(value: float | None) -> str:
     return "n/a" if value is None else f"{value:.1f}"
 
 
-__all__ = ["GenerationTimer", "GenerationTimings", "TokenClock", "summarize"]
+__all__ = ["GenerationTimer", "GenerationTimings", "TokenClock", "markdown_table", "summarize", "synchronize"]

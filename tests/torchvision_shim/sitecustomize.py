@@ -1,13 +1,14 @@
-"""Lets PyPI's torchvision import on the CPU torch wheel, for the tests (never part of the package).
+"""Lets PyPI's torchvision import on the CPU torch wheel, for the tests and the benchmarks (never part of the package).
 
-The test extra's timm pulls torchvision 0.28.0 from PyPI, a CUDA build: its `_C` cannot load on torch's CPU wheel,
-and the import then fails (`operator torchvision::nms does not exist`), breaking timm and transformers' image code.
-Defining in Python the two op schemas that `_C` would register lets it import; its C++ ops stay unusable, and nothing
-here needs them (timm and transformers import Python modules of it only: `torchvision.ops.misc`,
+The test and bench extras' timm pulls torchvision 0.28.0 from PyPI, a CUDA build: its `_C` cannot load on torch's CPU
+wheel, and the import then fails (`operator torchvision::nms does not exist`), breaking timm and transformers' image
+code. Defining in Python the two op schemas that `_C` would register lets it import; its C++ ops stay unusable, and
+nothing here needs them (timm and transformers import Python modules of it only: `torchvision.ops.misc`,
 `torchvision.transforms`). Does nothing without torchvision, or with one whose `_C` loads.
 
-`tests/conftest.py` runs this before anything imports torchvision and, where it applied, puts this folder on the
-`PYTHONPATH` of the tests' subprocesses, where Python runs it at start-up as `sitecustomize`.
+`tests/conftest.py` and `benchmarks/_torchvision_shim.py` run this before anything imports torchvision and, where it
+applied, put this folder on the `PYTHONPATH` of the subprocesses that import torchvision too (the tests', vLLM's),
+where Python runs it at start-up as `sitecustomize`.
 """
 
 import glob

@@ -51,7 +51,7 @@ def run(args: argparse.Namespace) -> int:
         ("decode (tokens/s)", [first["tokens_per_s"] for first in firsts]),
         ("TTFT, follow-up chat turn (ms)", [follow_up["ttft_ms"] for follow_up in follow_ups]),
     ]
-    print(markdown_table(rows))
+    print(summary_table(rows))
     return 0
 
 
@@ -81,13 +81,12 @@ def _bench_round(model, processor, image, kwargs):
     return tuple(timings)
 
 
-def markdown_table(rows: list[tuple[str, list[float | None]]]) -> str:
+def summary_table(rows: list[tuple[str, list[float | None]]]) -> str:
     """A Markdown table of the median, minimum and maximum of each row's measured values."""
-    from ..stats import summarize
+    from ..stats import markdown_table, summarize
 
-    lines = ["| phase | median | min | max |", "|---|---:|---:|---:|"]
+    cells = []
     for name, values in rows:
         summary = summarize(values)
-        cells = ["n/a"] * 3 if summary is None else [f"{value:.1f}" for value in summary]
-        lines.append(f"| {name} | {' | '.join(cells)} |")
-    return "\n".join(lines)
+        cells.append([name, *(["n/a"] * 3 if summary is None else [f"{value:.1f}" for value in summary])])
+    return markdown_table(["phase", "median", "min", "max"], cells, right_aligned={1, 2, 3})

@@ -62,24 +62,19 @@ def load_image(path: str):
     """Open and decode an image file or URL; the processor converts it to RGB."""
     if path.startswith(("http://", "https://")):
         return _download_image(path)
-    from PIL import Image, UnidentifiedImageError
+    from PIL import Image
+
+    from ..image_loading import ImageLoadError
+    from ..image_loading import load_image as load_image_file
 
     try:
-        image = Image.open(path)
-        image.load()  # decode now, so a truncated file fails here and not inside the processor
-    except FileNotFoundError as error:
-        raise CLIError(f"image not found: {path}") from error
-    except IsADirectoryError as error:
-        raise CLIError(f"expected an image file, got a directory: {path}") from error
-    except UnidentifiedImageError as error:
-        raise CLIError(f"not an image file Pillow can read: {path}") from error
+        return load_image_file(path)
+    except ImageLoadError as error:
+        raise CLIError(str(error)) from error
     except Image.DecompressionBombError as error:
         raise CLIError(f"image {path} is too large to open safely: {first_line(error)} Shrink it first (the model "
                        f"sees it at --resolution pixels), or, if you trust it, raise the limit with PIL's "
                        f"Image.MAX_IMAGE_PIXELS in Python") from error  # fmt: skip
-    except OSError as error:
-        raise CLIError(f"cannot read image {path}: {first_line(error)}") from error
-    return image
 
 
 def _download_image(url: str):

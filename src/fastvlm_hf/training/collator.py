@@ -37,14 +37,15 @@ class EncodedRow:
 def load_image(image: Any):
     """A PIL image from a row's image entry: a PIL image, a file path, or the `{"bytes", "path"}` dict of an undecoded
     `datasets.Image` column. Raises `RowError` for a missing or unreadable file."""
-    from PIL import Image, UnidentifiedImageError
+    from PIL import Image
+
+    from ..image_loading import ImageLoadError
+    from ..image_loading import load_image as load_image_file
 
     if isinstance(image, Image.Image):
         return image
     if isinstance(image, dict) and image.get("bytes") is not None:
-        import io
-
-        source, name = io.BytesIO(image["bytes"]), image.get("path") or "image bytes"
+        source, name = image["bytes"], image.get("path") or "image bytes"
     elif isinstance(image, dict) and image.get("path"):
         source = name = image["path"]
     elif isinstance(image, (str, os.PathLike)):
@@ -52,17 +53,9 @@ def load_image(image: Any):
     else:
         raise RowError(f"an image entry must be a path or a PIL image, got {type(image).__name__}")
     try:
-        with Image.open(source) as opened:
-            opened.load()  # decode now: a truncated file fails here, before training
-            return opened.copy()
-    except FileNotFoundError:
-        raise RowError(f"image not found: {name}") from None
-    except IsADirectoryError:
-        raise RowError(f"expected an image file, got a directory: {name}") from None
-    except UnidentifiedImageError:
-        raise RowError(f"not an image file Pillow can read: {name}") from None
-    except OSError as error:
-        raise RowError(f"cannot read image {name}: {error}") from None
+        return load_image_file(source, name)
+    except ImageLoadError as error:
+        raise RowError(str(error)) from None
 
 
 class FastVLMDataCollator:
