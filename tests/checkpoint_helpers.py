@@ -5,16 +5,11 @@ import json
 import torch
 import transformers
 from apple_layout import apple_layout
-from conftest import (
-    TINY_VISION_CONFIG,
-    assert_logits_close,
-    give_weights_a_working_scale,
-    randomize_non_parameter_state,
-    tiny_text_config,
-)
+from conftest import TINY_VISION_CONFIG, assert_logits_close, tiny_text_config
 from safetensors.torch import save_file
 
 from fastvlm_hf import FastVLMConfig, FastVLMForConditionalGeneration, checkpoints
+from fastvlm_hf.testing import give_weights_a_working_scale, randomize_non_parameter_state
 
 QWEN2_SPECIAL_TOKENS = ["<|endoftext|>", "<|im_start|>", "<|im_end|>"]  # Qwen2's added tokens, without `<image>`
 SPARE_VOCAB_ROWS = 16  # Apple's config vocab (151936) exceeds its tokenizer (151646): `<image>` fits without a resize

@@ -17,7 +17,7 @@ import pytest  # noqa: E402
 from tokenizers import Tokenizer, decoders, models, pre_tokenizers, trainers  # noqa: E402
 from transformers import PreTrainedTokenizerFast  # noqa: E402
 
-from fastvlm_hf.testing import give_weights_a_working_scale, randomize_non_parameter_state  # noqa: E402, F401
+from fastvlm_hf.testing import give_weights_a_working_scale, randomize_non_parameter_state  # noqa: E402
 
 SPECIAL_TOKENS = ["<|endoftext|>", "<|im_start|>", "<|im_end|>", "<image>"]
 

@@ -4,11 +4,7 @@ import copy
 
 import pytest
 import torch
-from conftest import (
-    TINY_VISION_CONFIG,
-    needs_native_bfloat16,
-    randomize_non_parameter_state,
-)
+from conftest import TINY_VISION_CONFIG, needs_native_bfloat16
 from fastvithd_by_hand import (
     attention_by_hand,
     channel_layer_norm_by_hand,
@@ -35,7 +31,7 @@ from fastvlm_hf.modeling_fastvithd import (
     FastViTHDRepMixerBlock,
     FastViTHDStage,
 )
-from fastvlm_hf.testing import with_working_weights
+from fastvlm_hf.testing import randomize_non_parameter_state, with_working_weights
 
 
 @pytest.fixture

@@ -5,13 +5,7 @@ import math
 
 import pytest
 import torch
-from conftest import (
-    TINY_VISION_CONFIG,
-    assert_logits_close,
-    give_weights_a_working_scale,
-    randomize_non_parameter_state,
-    tiny_text_config,
-)
+from conftest import TINY_VISION_CONFIG, assert_logits_close, tiny_text_config
 from transformers import (
     AutoConfig,
     AutoModel,
@@ -24,6 +18,7 @@ from transformers import (
 
 from fastvlm_hf import FastVLMConfig, FastVLMForConditionalGeneration, FastVLMModel
 from fastvlm_hf.compat import CACHE_NAME
+from fastvlm_hf.testing import give_weights_a_working_scale, randomize_non_parameter_state
 
 IMAGE_SIDE = 128  # 2×2 = 4 image tokens per image with the tiny encoder
 TOKENS_PER_IMAGE = 4

@@ -8,11 +8,12 @@ import torch
 import transformers
 from accelerate import infer_auto_device_map
 from checkpoint_helpers import build_reference_model, model_inputs, write_native_checkpoint
-from conftest import TINY_VISION_CONFIG, randomize_non_parameter_state, tiny_text_config
+from conftest import TINY_VISION_CONFIG, tiny_text_config
 from torch import nn
 from transformers import AutoModel, AutoModelForImageTextToText, BitsAndBytesConfig, PreTrainedModel
 
 from fastvlm_hf import FastVLMConfig, FastVLMForConditionalGeneration, quantization
+from fastvlm_hf.testing import randomize_non_parameter_state
 
 bnb = pytest.importorskip("bitsandbytes")
 

@@ -7,16 +7,11 @@ import sys
 
 import pytest
 import torch
-from conftest import (
-    TINY_VISION_CONFIG,
-    assert_logits_close,
-    build_tiny_tokenizer,
-    give_weights_a_working_scale,
-    tiny_text_config,
-)
+from conftest import TINY_VISION_CONFIG, assert_logits_close, build_tiny_tokenizer, tiny_text_config
 
 from fastvlm_hf import FastVLMConfig, FastVLMForConditionalGeneration
 from fastvlm_hf.compat import IS_TRANSFORMERS_5
+from fastvlm_hf.testing import give_weights_a_working_scale
 
 WORLD_SIZE = 2
 
