@@ -7,8 +7,8 @@ import shutil
 import pytest
 import torch
 import transformers
-from apple_layout import apple_layout
-from checkpoint_helpers import (
+from helpers.apple_layout import apple_layout
+from helpers.checkpoints import (
     CHATML_TEMPLATE,
     IMAGE_SIDE,
     NATIVE_VISION_CONFIG,

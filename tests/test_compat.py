@@ -188,7 +188,7 @@ def test_fine_tuning_with_peft_and_trl_raises_no_deprecation(tiny_processor, tin
     checkpointing, then the adapter merged and saved."""
     trl = pytest.importorskip("trl")
     pytest.importorskip("peft")
-    from training_helpers import COLOURS, assistant, build_trainable_model, user
+    from helpers.training import COLOURS, assistant, build_trainable_model, user
 
     from fastvlm_hf.compat import checkpointing_arguments
     from fastvlm_hf.training import lora_config, merge_adapter, prepare_model_for_training, sft_trainer

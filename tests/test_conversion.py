@@ -12,7 +12,7 @@ from pathlib import Path
 import pytest
 import torch
 import transformers
-from checkpoint_helpers import (
+from helpers.checkpoints import (
     IMAGE_SIDE,
     NATIVE_VISION_CONFIG,
     apple_state_dict,

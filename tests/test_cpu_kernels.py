@@ -8,14 +8,15 @@ import math
 
 import pytest
 import torch
-from conftest import TINY_VISION_CONFIG, needs_native_bfloat16
-from fastvithd_by_hand import (
+from helpers.fastvithd_by_hand import (
     conv_act_by_hand,
     conv_mlp_by_hand,
     relative_error,
     tiny_eval_tower,
     tower_by_hand,
 )
+from helpers.markers import needs_native_bfloat16
+from helpers.tiny_model import TINY_VISION_CONFIG
 
 from fastvlm_hf import FastViTHDConfig
 from fastvlm_hf.cpu import fast_routes_enabled, fast_routes_off, kernels

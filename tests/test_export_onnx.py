@@ -17,7 +17,7 @@ pytest.importorskip("onnxscript")
 import onnx  # noqa: E402
 import torch  # noqa: E402
 import transformers  # noqa: E402
-from checkpoint_helpers import IMAGE_SIDE, write_native_checkpoint  # noqa: E402
+from helpers.checkpoints import IMAGE_SIDE, write_native_checkpoint  # noqa: E402
 from PIL import Image  # noqa: E402
 
 from fastvlm_hf import FastVLMForConditionalGeneration, FastVLMProcessor, export  # noqa: E402
@@ -217,7 +217,7 @@ def test_fp16_graphs_take_float32_pixels_and_give_features_and_embeddings_of_one
 # transformers.js in Node. The package goes to FASTVLM_HF_NODE_MODULES (.ci/run points it at a cached folder), or to
 # ~/.cache/fastvlm-hf/node; onnxruntime-node's install script would download CUDA libraries from outside the npm
 # registry, which ONNXRUNTIME_NODE_INSTALL=skip turns off (its CPU library comes in the package itself).
-NODE_SCRIPT = Path(__file__).with_name("transformers_js_generate.mjs")
+NODE_SCRIPT = Path(__file__).parent / "helpers" / "transformers_js_generate.mjs"
 
 
 @pytest.fixture(scope="module")

@@ -16,7 +16,7 @@ import sys
 import numpy as np
 import pytest
 import torch
-from conftest import give_weights_decisive_answers
+from helpers.tiny_model import give_weights_decisive_answers
 from PIL import Image
 from transformers import AutoProcessor
 

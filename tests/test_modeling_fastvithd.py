@@ -4,8 +4,7 @@ import copy
 
 import pytest
 import torch
-from conftest import TINY_VISION_CONFIG, needs_native_bfloat16
-from fastvithd_by_hand import (
+from helpers.fastvithd_by_hand import (
     attention_by_hand,
     channel_layer_norm_by_hand,
     conv_mlp_by_hand,
@@ -17,6 +16,8 @@ from fastvithd_by_hand import (
     tiny_eval_tower,
     tower_by_hand,
 )
+from helpers.markers import needs_native_bfloat16
+from helpers.tiny_model import TINY_VISION_CONFIG
 from transformers import AutoConfig, AutoModel
 
 from fastvlm_hf import FastViTHDConfig, FastViTHDModel

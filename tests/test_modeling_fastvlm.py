@@ -5,7 +5,8 @@ import math
 
 import pytest
 import torch
-from conftest import TINY_VISION_CONFIG, assert_logits_close, tiny_text_config
+from helpers.assertions import assert_logits_close
+from helpers.tiny_model import TINY_VISION_CONFIG, tiny_text_config
 from transformers import (
     AutoConfig,
     AutoModel,

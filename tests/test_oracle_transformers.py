@@ -17,13 +17,13 @@ import json  # noqa: E402
 import pytest  # noqa: E402
 import torch  # noqa: E402
 import transformers  # noqa: E402
-from checkpoint_helpers import (  # noqa: E402
+from helpers.checkpoints import (  # noqa: E402
     NATIVE_VISION_CONFIG,
     QWEN2_SPECIAL_TOKENS,
     build_reference_model,
     write_apple_checkpoint,
 )
-from conftest import build_tiny_tokenizer  # noqa: E402
+from helpers.tiny_tokenizer import build_tiny_tokenizer  # noqa: E402
 from PIL import Image  # noqa: E402
 from transformers import AutoProcessor  # noqa: E402
 

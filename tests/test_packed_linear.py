@@ -5,8 +5,8 @@ import copy
 import pytest
 import torch
 import torch.nn.functional as F
-from checkpoint_helpers import model_inputs
-from conftest import needs_native_bfloat16
+from helpers.checkpoints import model_inputs
+from helpers.markers import needs_native_bfloat16
 from torch import nn
 
 from fastvlm_hf import FastVLMForConditionalGeneration, FastVLMModel

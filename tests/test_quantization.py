@@ -7,8 +7,8 @@ import pytest
 import torch
 import transformers
 from accelerate import infer_auto_device_map
-from checkpoint_helpers import build_reference_model, model_inputs, write_native_checkpoint
-from conftest import TINY_VISION_CONFIG, tiny_text_config
+from helpers.checkpoints import build_reference_model, model_inputs, write_native_checkpoint
+from helpers.tiny_model import TINY_VISION_CONFIG, tiny_text_config
 from torch import nn
 from transformers import AutoModel, AutoModelForImageTextToText, BitsAndBytesConfig, PreTrainedModel
 
@@ -266,7 +266,7 @@ def test_apple_checkpoint_in_4bit_keeps_the_vision_tower(apple_dir, reference_mo
 
 @pytest.mark.skipif(not hasattr(transformers, "FastVlmConfig"), reason="transformers' own fast_vlm arrived in 5.0")
 def test_native_checkpoint_in_4bit_keeps_the_vision_tower(tmp_path, apple_tokenizer):
-    from checkpoint_helpers import NATIVE_VISION_CONFIG
+    from helpers.checkpoints import NATIVE_VISION_CONFIG
 
     reference = build_reference_model(apple_tokenizer, tie_word_embeddings=False, vision_config=NATIVE_VISION_CONFIG)
     write_native_checkpoint(tmp_path, reference)

@@ -7,7 +7,9 @@ import sys
 
 import pytest
 import torch
-from conftest import TINY_VISION_CONFIG, assert_logits_close, build_tiny_tokenizer, tiny_text_config
+from helpers.assertions import assert_logits_close
+from helpers.tiny_model import TINY_VISION_CONFIG, tiny_text_config
+from helpers.tiny_tokenizer import build_tiny_tokenizer
 
 from fastvlm_hf import FastVLMConfig, FastVLMForConditionalGeneration
 from fastvlm_hf.compat import IS_TRANSFORMERS_5
@@ -30,7 +32,8 @@ pytestmark = [
 
 @pytest.fixture(scope="module")
 def tensor_parallel_run(tmp_path_factory):
-    """Single-process models and inputs, and what `tensor_parallel_worker.py` computed from them under `torchrun`."""
+    """Single-process models and inputs, and what `helpers/tensor_parallel_worker.py` computed from them under
+    `torchrun`."""
     root = tmp_path_factory.mktemp("tensor-parallel")
     tokenizer = build_tiny_tokenizer()
     image_token_id = tokenizer.convert_tokens_to_ids("<image>")
@@ -58,7 +61,7 @@ def tensor_parallel_run(tmp_path_factory):
 
     command = [
         sys.executable, "-m", "torch.distributed.run", "--standalone", f"--nproc-per-node={WORLD_SIZE}",
-        os.path.join(os.path.dirname(__file__), "tensor_parallel_worker.py"), str(root / "inputs.pt"),
+        os.path.join(os.path.dirname(__file__), "helpers", "tensor_parallel_worker.py"), str(root / "inputs.pt"),
         str(root / "output.pt"), *models,
     ]  # fmt: skip
     run = subprocess.run(command, capture_output=True, text=True, timeout=600)

@@ -6,11 +6,11 @@ import re
 
 import pytest
 import torch
-from conftest import TINY_VISION_CONFIG
+from helpers.tiny_model import TINY_VISION_CONFIG
 from PIL import Image
 from transformers import AutoModelForImageTextToText, BitsAndBytesConfig
 
-from training_helpers import COLOURS, assistant, build_trainable_model, user
+from helpers.training import COLOURS, assistant, build_trainable_model, user
 
 from fastvlm_hf import FastVLMForConditionalGeneration, conversion
 from fastvlm_hf.compat import checkpointing_arguments

@@ -1,7 +1,7 @@
 """transformers' own common tests (the mixins every model in transformers passes) run against this package's classes.
 
-The mixins come from the sdist of the installed transformers (see transformers_common_tests.py). This file holds the
-testers that build tiny configs and inputs for them, and the reviewed list of mixin tests that do not apply.
+The mixins come from the sdist of the installed transformers (see helpers/transformers_test_mixins.py). This file
+holds the testers that build tiny configs and inputs for them, and the reviewed list of mixin tests that do not apply.
 """
 
 import copy
@@ -13,7 +13,9 @@ import unittest
 
 import pytest
 import torch
-from conftest import TINY_VISION_CONFIG, build_tiny_tokenizer, tiny_text_config
+from helpers.tiny_model import TINY_VISION_CONFIG, tiny_text_config
+from helpers.tiny_tokenizer import build_tiny_tokenizer
+from helpers.transformers_test_mixins import load_or_skip
 from transformers.models.auto import modeling_auto
 
 from fastvlm_hf import (
@@ -25,7 +27,6 @@ from fastvlm_hf import (
     FastVLMModel,
     FastVLMProcessor,
 )
-from transformers_common_tests import load_or_skip
 
 common = load_or_skip()
 ids_tensor = common.modeling.ids_tensor
@@ -109,7 +110,7 @@ def _one_thread():
 
 
 class FastViTHDModelTester:
-    """The conftest's tiny FastViTHD (5 stages, stride 64) and a batch of 128-px images."""
+    """helpers/tiny_model.py's tiny FastViTHD (5 stages, stride 64) and a batch of 128-px images."""
 
     def __init__(self, parent, batch_size=2, is_training=True):
         self.parent = parent

@@ -26,13 +26,13 @@ import numpy as np
 import pytest
 import torch
 import transformers
-from checkpoint_helpers import (
+from helpers.checkpoints import (
     QWEN2_SPECIAL_TOKENS,
     build_reference_model,
     write_apple_checkpoint,
     write_native_checkpoint,
 )
-from conftest import build_tiny_tokenizer
+from helpers.tiny_tokenizer import build_tiny_tokenizer
 from PIL import Image
 from transformers import AutoProcessor
 

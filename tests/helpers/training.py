@@ -1,7 +1,7 @@
 """What the fine-tuning tests share: a tiny model that can learn, and rows about coloured pictures."""
 
 import torch
-from conftest import TINY_VISION_CONFIG, tiny_text_config
+from helpers.tiny_model import TINY_VISION_CONFIG, tiny_text_config
 
 from fastvlm_hf import FastVLMConfig, FastVLMForConditionalGeneration
 

@@ -4,8 +4,9 @@ import json
 
 import torch
 import transformers
-from apple_layout import apple_layout
-from conftest import TINY_VISION_CONFIG, assert_logits_close, tiny_text_config
+from helpers.apple_layout import apple_layout
+from helpers.assertions import assert_logits_close
+from helpers.tiny_model import TINY_VISION_CONFIG, tiny_text_config
 from safetensors.torch import save_file
 
 from fastvlm_hf import FastVLMConfig, FastVLMForConditionalGeneration, checkpoints

@@ -1,7 +1,7 @@
 """Run by `test_tensor_parallel.py` under `torchrun`: loads each checkpoint with transformers' tensor parallelism and
 writes, from rank 0, its logits on each input and how the language model and head were sharded.
 
-Usage: torchrun --nproc-per-node N tensor_parallel_worker.py INPUTS.pt OUTPUT.pt CHECKPOINT [CHECKPOINT ...]
+Usage: torchrun --nproc-per-node N helpers/tensor_parallel_worker.py INPUTS.pt OUTPUT.pt CHECKPOINT [CHECKPOINT ...]
 """
 
 import os

@@ -3,7 +3,7 @@
 import math
 
 import torch
-from conftest import TINY_VISION_CONFIG
+from helpers.tiny_model import TINY_VISION_CONFIG
 
 from fastvlm_hf import FastViTHDConfig, FastViTHDModel
 from fastvlm_hf.modeling_fastvithd import FastViTHDRepMixerBlock

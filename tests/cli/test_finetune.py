@@ -9,9 +9,9 @@ import subprocess
 import sys
 
 import pytest
+from helpers.training import COLOURS, build_trainable_model, user
 from PIL import Image
 from safetensors.torch import load_file
-from training_helpers import COLOURS, build_trainable_model, user
 
 from fastvlm_hf.cli import main
 
@@ -117,7 +117,7 @@ sys.exit(main(sys.argv[2:]))
 
 
 def test_a_run_killed_mid_step_resumes_past_a_half_saved_checkpoint_to_the_same_adapter(base, data, tmp_path, capsys):
-    from test_cli import unreachable_hub
+    from helpers.cli import unreachable_hub
 
     steps = ["--max-steps", "6", "--save-steps", "2", "--no-gradient-checkpointing"]
     output = tmp_path / "killed"
@@ -163,7 +163,7 @@ def test_a_run_killed_mid_step_resumes_past_a_half_saved_checkpoint_to_the_same_
 
 
 def test_an_unreachable_hub_ends_the_wait_at_once_with_one_line(data, tmp_path):
-    from test_cli import unreachable_hub, without_the_untested_release_notice
+    from helpers.cli import unreachable_hub, without_the_untested_release_notice
 
     model = "apple/FastVLM-0.5B"
     argv = ["finetune", "--model", model, "--data", str(data), "--output", str(tmp_path / "run")]
@@ -197,7 +197,7 @@ def test_bad_rows_stop_the_run_before_training_unless_skipped(base, data, tmp_pa
 
 
 def test_help_lists_the_options_in_their_groups(capsys):
-    from test_cli import MODEL_OPTIONS, options_by_group
+    from helpers.cli import MODEL_OPTIONS, options_by_group
 
     with pytest.raises(SystemExit) as exit_info:
         main(["finetune", "--help"])

@@ -1,5 +1,5 @@
 // Greedy generation with transformers.js on an exported FastVLM folder, offline:
-//   node transformers_js_generate.mjs MODEL_FOLDER IMAGE TEXT MAX_NEW_TOKENS DTYPE
+//   node helpers/transformers_js_generate.mjs MODEL_FOLDER IMAGE TEXT MAX_NEW_TOKENS DTYPE
 // prints {"input_ids": [...], "new_tokens": [...]} as one JSON line. Resolves @huggingface/transformers from
 // NODE_PATH (the folder it was installed into).
 import { createRequire } from "node:module";

@@ -1,0 +1,51 @@
+"""The CLI tests' tiny checkpoint, with weights whose answers depend on the image and the prompt, its
+reference model, and two images."""
+
+import pytest
+import torch
+from helpers.tiny_model import give_weights_decisive_answers
+from PIL import Image
+from transformers import AutoModelForImageTextToText, AutoProcessor
+
+from fastvlm_hf import FastVLMForConditionalGeneration
+
+
+@pytest.fixture(scope="module")
+def checkpoint(tiny_config, tiny_processor, tmp_path_factory):
+    """The tiny FastVLM with weights drawn large enough that its answers depend on the image and the prompt (the
+    shared tiny model answers the same whitespace whatever it is shown, which no equality test could fail on)."""
+    torch.manual_seed(0)
+    model = FastVLMForConditionalGeneration(tiny_config).eval()
+    give_weights_decisive_answers(model)
+    path = tmp_path_factory.mktemp("tiny-fastvlm-cli")
+    model.save_pretrained(path)
+    tiny_processor.save_pretrained(path)
+    return path
+
+
+@pytest.fixture(scope="module")
+def reference(checkpoint):
+    """The checkpoint's processor and model, loaded as a user of transformers would, with its weights packed as the CLI
+    packs them on CPU: packed and plain float32 kernels round differently, which could flip a greedy token on a near
+    tie, so the answers are compared between models that compute alike."""
+    processor = AutoProcessor.from_pretrained(checkpoint)
+    model = AutoModelForImageTextToText.from_pretrained(checkpoint, dtype=torch.float32).eval()
+    model.pack_weights()
+    return processor, model
+
+
+def _save_image(path, background, square):
+    image = Image.new("RGB", (180, 120), background)
+    image.paste(square, (20, 20, 90, 90))
+    image.save(path)
+    return path
+
+
+@pytest.fixture(scope="module")
+def image_path(tmp_path_factory):
+    return _save_image(tmp_path_factory.mktemp("images") / "scene.png", (250, 250, 250), (30, 160, 30))
+
+
+@pytest.fixture(scope="module")
+def other_image_path(tmp_path_factory):
+    return _save_image(tmp_path_factory.mktemp("images") / "night.png", (0, 0, 0), (255, 255, 255))
