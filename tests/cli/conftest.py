@@ -10,7 +10,7 @@ from transformers import AutoModelForImageTextToText, AutoProcessor
 from fastvlm_hf import FastVLMForConditionalGeneration
 
 
-@pytest.fixture(scope="module")
+@pytest.fixture(scope="session")
 def checkpoint(tiny_config, tiny_processor, tmp_path_factory):
     """The tiny FastVLM with weights drawn large enough that its answers depend on the image and the prompt (the
     shared tiny model answers the same whitespace whatever it is shown, which no equality test could fail on)."""
@@ -23,7 +23,7 @@ def checkpoint(tiny_config, tiny_processor, tmp_path_factory):
     return path
 
 
-@pytest.fixture(scope="module")
+@pytest.fixture(scope="session")
 def reference(checkpoint):
     """The checkpoint's processor and model, loaded as a user of transformers would, with its weights packed as the CLI
     packs them on CPU: packed and plain float32 kernels round differently, which could flip a greedy token on a near
@@ -41,11 +41,11 @@ def _save_image(path, background, square):
     return path
 
 
-@pytest.fixture(scope="module")
+@pytest.fixture(scope="session")
 def image_path(tmp_path_factory):
     return _save_image(tmp_path_factory.mktemp("images") / "scene.png", (250, 250, 250), (30, 160, 30))
 
 
-@pytest.fixture(scope="module")
+@pytest.fixture(scope="session")
 def other_image_path(tmp_path_factory):
     return _save_image(tmp_path_factory.mktemp("images") / "night.png", (0, 0, 0), (255, 255, 255))
