@@ -16,7 +16,7 @@ import sys
 import numpy as np
 import pytest
 import torch
-from helpers.tiny_model import give_weights_decisive_answers
+from helpers.tiny_model import save_decisive_checkpoint
 from PIL import Image
 from transformers import AutoProcessor
 
@@ -95,13 +95,7 @@ def checkpoint(tiny_config, tiny_processor, tmp_path_factory):
     the question."""
     config = tiny_config.__class__.from_dict(tiny_config.to_dict())
     config.text_config.max_position_embeddings = CONTEXT
-    torch.manual_seed(0)
-    model = FastVLMForConditionalGeneration(config).eval()
-    give_weights_decisive_answers(model)
-    path = tmp_path_factory.mktemp("tiny-fastvlm-lmms-eval")
-    model.save_pretrained(path)
-    tiny_processor.save_pretrained(path)
-    return path
+    return save_decisive_checkpoint(config, tiny_processor, tmp_path_factory.mktemp("tiny-fastvlm-lmms-eval"))
 
 
 

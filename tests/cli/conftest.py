@@ -3,24 +3,17 @@ reference model, and two images."""
 
 import pytest
 import torch
-from helpers.tiny_model import give_weights_decisive_answers
+from helpers.tiny_model import save_decisive_checkpoint
 from PIL import Image
 from transformers import AutoModelForImageTextToText, AutoProcessor
 
-from fastvlm_hf import FastVLMForConditionalGeneration
 
 
 @pytest.fixture(scope="session")
 def checkpoint(tiny_config, tiny_processor, tmp_path_factory):
     """The tiny FastVLM with weights drawn large enough that its answers depend on the image and the prompt (the
     shared tiny model answers the same whitespace whatever it is shown, which no equality test could fail on)."""
-    torch.manual_seed(0)
-    model = FastVLMForConditionalGeneration(tiny_config).eval()
-    give_weights_decisive_answers(model)
-    path = tmp_path_factory.mktemp("tiny-fastvlm-cli")
-    model.save_pretrained(path)
-    tiny_processor.save_pretrained(path)
-    return path
+    return save_decisive_checkpoint(tiny_config, tiny_processor, tmp_path_factory.mktemp("tiny-fastvlm-cli"))
 
 
 @pytest.fixture(scope="session")

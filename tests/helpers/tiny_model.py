@@ -37,3 +37,18 @@ def give_weights_decisive_answers(model, seed: int = 1) -> None:
             if parameter.dim() >= 2:
                 std = parameter[0].numel() ** -0.5 if "vision_tower" in name else 1.0
                 parameter.normal_(0, std, generator=generator)
+
+
+def save_decisive_checkpoint(config, processor, path):
+    """Saves, to `path`, the FastVLM of `config` (seed 0) with `give_weights_decisive_answers`' weights, and
+    `processor`; returns `path`."""
+    import torch
+
+    from fastvlm_hf import FastVLMForConditionalGeneration
+
+    torch.manual_seed(0)
+    model = FastVLMForConditionalGeneration(config).eval()
+    give_weights_decisive_answers(model)
+    model.save_pretrained(path)
+    processor.save_pretrained(path)
+    return path
