@@ -32,6 +32,7 @@ __all__ = [
     "checkpointing_arguments",
     "complete_disk_offload",
     "is_first_generation_step",
+    "kbit_training_arguments",
     "mismatched_key_names",
     "own_layout_save_kwargs",
     "takes_cache",
@@ -226,6 +227,18 @@ def checkpointing_arguments(enabled: bool, kwargs: dict[str, Any] | None = None)
     renamed = "activation_checkpointing" in TrainingArguments.__dataclass_fields__
     name = "activation_checkpointing" if renamed else "gradient_checkpointing"
     return {name: enabled, f"{name}_kwargs": kwargs}
+
+
+def kbit_training_arguments(checkpointing: bool, kwargs: dict[str, Any] | None = None) -> dict[str, Any]:
+    """`peft.prepare_model_for_kbit_training` settings that turn activation checkpointing on or off, under the
+    installed PEFT's names: 0.22 renamed `gradient_checkpointing_kwargs` to `activation_checkpointing_kwargs` and
+    warns on the old one."""
+    from peft import prepare_model_for_kbit_training
+
+    parameters = inspect.signature(prepare_model_for_kbit_training).parameters
+    renamed = "activation_checkpointing_kwargs" in parameters
+    name = "activation_checkpointing_kwargs" if renamed else "gradient_checkpointing_kwargs"
+    return {"use_gradient_checkpointing": checkpointing, name: kwargs}
 
 
 def complete_disk_offload(model: Any, tied_weights: dict[str, str]) -> None:

@@ -121,11 +121,10 @@ def _load_model_for_training(args: argparse.Namespace, device: str, dtype, local
     if quantization is not None:
         from peft import prepare_model_for_kbit_training
 
-        model = prepare_model_for_kbit_training(
-            model,
-            use_gradient_checkpointing=not args.no_gradient_checkpointing,
-            gradient_checkpointing_kwargs={"use_reentrant": False},
-        )
+        from ..compat import kbit_training_arguments
+
+        checkpointing = kbit_training_arguments(not args.no_gradient_checkpointing, {"use_reentrant": False})
+        model = prepare_model_for_kbit_training(model, **checkpointing)
     return prepare_model_for_training(model)
 
 
