@@ -8,7 +8,6 @@ from PIL import Image
 from transformers import AutoModelForImageTextToText, AutoProcessor
 
 
-
 @pytest.fixture(scope="session")
 def checkpoint(tiny_config, tiny_processor, tmp_path_factory):
     """The tiny FastVLM with weights drawn large enough that its answers depend on the image and the prompt (the
